@@ -1,0 +1,243 @@
+"""Typed run configuration (pydantic v2).  Every section forbids unknown keys, so a typo fails with
+the field's dotted path before any process group, file or model is created.
+
+Sections: ``model`` (shape, FFN activation, MoE), ``sparsity`` (linear kind and per-projection
+sparsity), ``parallel`` (tp/pp/ep/sp, ZeRO stage), ``data``, ``optimizer``, ``schedule``, ``train``,
+``checkpoint``, ``logging``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..ops.linear import LINEAR_KINDS, LinearRecipe
+
+__all__ = [
+    "ModelConfig",
+    "MoEConfig",
+    "SparsityConfig",
+    "ParallelConfig",
+    "DataConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "RunConfig",
+    "PROJECTIONS",
+]
+
+PROJECTIONS = ("qkv", "out", "up", "down")
+"""Projections whose input Q-Sparse sparsifies: attention QKV, attention output, FFN up/gate
+(one fused fc1 input), FFN down (the activation output)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MoEConfig(_Section):
+    num_experts: int = Field(ge=2)
+    router_topk: int = Field(default=2, ge=1)
+    aux_loss_coeff: float = Field(default=1e-2, ge=0)
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    ffn_hidden_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _topk_le_experts(self) -> MoEConfig:
+        if self.router_topk > self.num_experts:
+            raise ValueError(
+                f"router_topk={self.router_topk} exceeds num_experts={self.num_experts}"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    vocab_size: int | None = Field(default=None, ge=2, description="None: taken from the tokenizer")
+    hidden_size: int = Field(default=256, ge=8)
+    num_layers: int = Field(default=4, ge=1)
+    num_attention_heads: int = Field(default=4, ge=1)
+    num_query_groups: int | None = Field(default=None, ge=1, description="GQA groups; None = MHA")
+    ffn_hidden_size: int | None = Field(default=None, ge=1, description="None: 8/3·hidden rounded to 64")
+    seq_length: int = Field(default=256, ge=2)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0)
+    tie_embeddings: bool = False
+    ffn_activation: Literal["relu2glu", "drelu", "swiglu"] = "relu2glu"
+    init_std: float = Field(default=0.02, gt=0)
+    moe: MoEConfig | None = None
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}"
+            )
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.num_query_groups}"
+            )
+        return self
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return max(64, int(round(8 * self.hidden_size / 3 / 64)) * 64)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class SparsityConfig(_Section):
+    """Per-projection sparsity (fraction of input features zeroed by top-K)."""
+
+    linear: Literal["dense", "qsparse", "block_qsparse", "bitnet", "bitnet_qsparse"] = "qsparse"
+    qkv: float = Field(default=0.5, ge=0, lt=1)
+    out: float = Field(default=0.5, ge=0, lt=1)
+    up: float = Field(default=0.5, ge=0, lt=1)
+    down: float = Field(default=0.5, ge=0, lt=1)
+    block_size: int | None = Field(default=None, ge=1)
+    ste: bool = True
+    rescale: bool = False
+
+    @model_validator(mode="after")
+    def _kind(self) -> SparsityConfig:
+        assert self.linear in LINEAR_KINDS
+        if self.linear == "block_qsparse" and self.block_size is None:
+            raise ValueError("block_size is required when linear='block_qsparse'")
+        if self.block_size is not None and self.linear not in ("block_qsparse", "bitnet_qsparse"):
+            raise ValueError(
+                f"block_size is only valid with linear='block_qsparse' or 'bitnet_qsparse', "
+                f"not {self.linear!r}"
+            )
+        return self
+
+    def recipe(self, projection: str) -> LinearRecipe:
+        """The :class:`LinearRecipe` of one projection (``qkv|out|up|down``)."""
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        return LinearRecipe(
+            kind=self.linear,
+            sparsity=getattr(self, projection),
+            block_size=self.block_size,
+            ste=self.ste,
+            rescale=self.rescale,
+        )
+
+
+class ParallelConfig(_Section):
+    tp: int = Field(default=1, ge=1, description="tensor-parallel size")
+    pp: int = Field(default=1, ge=1, description="pipeline-parallel size")
+    ep: int = Field(default=1, ge=1, description="expert-parallel size")
+    sp: bool = Field(default=False, description="sequence parallelism (needs tp > 1)")
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    num_microbatches: int | None = Field(default=None, ge=1, description="PP: None = global/micro/dp")
+
+    @model_validator(mode="after")
+    def _sp(self) -> ParallelConfig:
+        if self.sp and self.tp == 1:
+            raise ValueError("sp=true needs tp > 1")
+        return self
+
+
+class DataConfig(_Section):
+    path: str = Field(default="data/prepared", description="directory written by prepare-data")
+    micro_batch_size: int = Field(default=4, ge=1)
+    global_batch_size: int | None = Field(default=None, ge=1, description="None: micro × dp")
+    num_workers: int = Field(default=0, ge=0)
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(default=3e-4, gt=0)
+    min_lr: float = Field(default=3e-5, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+
+
+class ScheduleConfig(_Section):
+    """``cosine``: linear warmup then cosine to ``min_lr``.  ``bitnet_two_stage``: BitNet b1.58's
+    recipe — cosine at ``lr`` for the first ``stage_split`` of steps, then a lower peak
+    (``lr · stage2_lr_ratio``) with weight decay switched off for the rest."""
+
+    kind: Literal["cosine", "constant", "bitnet_two_stage"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    stage_split: float = Field(default=0.5, gt=0, lt=1)
+    stage2_lr_ratio: float = Field(default=0.5, gt=0, le=1)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(default=100, ge=1)
+    seed: int = 1234
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    log_interval: int = Field(default=10, ge=1)
+    eval_interval: int = Field(default=0, ge=0, description="0 = no validation")
+    eval_iters: int = Field(default=4, ge=1)
+    run_dir: str = "runs/default"
+
+
+class CheckpointConfig(_Section):
+    interval: int = Field(default=0, ge=0, description="0 = only at the end")
+    keep_last: int = Field(default=2, ge=1)
+    resume: bool = True
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+class RunConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    deepspeed: dict | None = Field(default=None, description="user DeepSpeed JSON overriding the generated one")
+
+    @model_validator(mode="after")
+    def _parallel_fits_model(self) -> RunConfig:
+        m, p, s = self.model, self.parallel, self.sparsity
+        checks = [
+            (m.num_attention_heads % p.tp == 0, "parallel.tp", f"num_attention_heads={m.num_attention_heads}"),
+            (m.query_groups % p.tp == 0, "parallel.tp", f"num_query_groups={m.query_groups}"),
+            (m.ffn_size % p.tp == 0, "parallel.tp", f"ffn_hidden_size={m.ffn_size}"),
+            (m.num_layers % p.pp == 0, "parallel.pp", f"num_layers={m.num_layers}"),
+        ]
+        for ok, field, what in checks:
+            if not ok:
+                raise ValueError(f"{field}={getattr(p, field.split('.')[1])} does not divide {what}")
+        if p.ep > 1 and m.moe is None:
+            raise ValueError("parallel.ep > 1 needs model.moe (a mixture-of-experts FFN)")
+        if m.moe is not None and m.moe.num_experts % p.ep:
+            raise ValueError(
+                f"parallel.ep={p.ep} does not divide model.moe.num_experts={m.moe.num_experts}"
+            )
+        if s.block_size is not None:
+            shards = {
+                "hidden_size": m.hidden_size,
+                "attention output (hidden_size / tp)": m.hidden_size // p.tp,
+                "ffn_hidden_size / tp": m.ffn_size // p.tp,
+            }
+            for what, dim in shards.items():
+                if dim % s.block_size:
+                    raise ValueError(f"sparsity.block_size={s.block_size} does not divide {what}={dim}")
+        if p.sp and m.seq_length % p.tp:
+            raise ValueError(f"parallel.sp needs model.seq_length={m.seq_length} divisible by tp={p.tp}")
+        return self

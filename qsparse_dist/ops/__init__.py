@@ -1,0 +1,53 @@
+"""The math of qsparse-dist: Q-Sparse top-K, BitNet b1.58 quantizers, FFN activations, statistics.
+
+Shared by training (``qsparse_dist.layers``), export and inference (``qsparse_dist.infer``).
+"""
+
+from .activations import GLU_ACTIVATIONS, drelu, glu_activation, relu2, relu2glu, split_gate_up, swiglu
+from .linear import LINEAR_KINDS, LinearRecipe, qsparse_linear
+from .quant import (
+    fake_quant_activation_int8,
+    fake_quant_weight_ternary,
+    quantize_activation_int8,
+    quantize_weight_ternary,
+    ternary_scale,
+)
+from .sparsify import (
+    apply_mask,
+    kept_count,
+    l2_rescale,
+    mask_from_threshold,
+    topk_mask,
+    topk_sparsify,
+    topk_threshold,
+    validate_sparsity,
+)
+from .stats import SparsityMeter, zero_fraction
+
+__all__ = [
+    "GLU_ACTIVATIONS",
+    "LINEAR_KINDS",
+    "LinearRecipe",
+    "SparsityMeter",
+    "apply_mask",
+    "drelu",
+    "fake_quant_activation_int8",
+    "fake_quant_weight_ternary",
+    "glu_activation",
+    "kept_count",
+    "l2_rescale",
+    "mask_from_threshold",
+    "qsparse_linear",
+    "quantize_activation_int8",
+    "quantize_weight_ternary",
+    "relu2",
+    "relu2glu",
+    "split_gate_up",
+    "swiglu",
+    "ternary_scale",
+    "topk_mask",
+    "topk_sparsify",
+    "topk_threshold",
+    "validate_sparsity",
+    "zero_fraction",
+]
