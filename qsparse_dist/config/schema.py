@@ -65,6 +65,7 @@ class ModelConfig(_Section):
     rope_theta: float = Field(default=10000.0, gt=0)
     norm_eps: float = Field(default=1e-5, gt=0)
     tie_embeddings: bool = False
+    qkv_bias: bool = Field(default=False, description="biases on the fused QKV projection (Qwen2)")
     ffn_activation: Literal["relu2glu", "drelu", "swiglu"] = "relu2glu"
     init_std: float = Field(default=0.02, gt=0)
     moe: MoEConfig | None = None
@@ -109,6 +110,11 @@ class SparsityConfig(_Section):
     block_size: int | None = Field(default=None, ge=1)
     ste: bool = True
     rescale: bool = False
+    ramp_steps: int = Field(
+        default=0, ge=0,
+        description="ramp every projection's sparsity linearly from 0 to its target over the first "
+        "ramp_steps optimizer steps (0 = target from the start); see qsparse_dist.train.sparsity_ramp",
+    )
 
     @model_validator(mode="after")
     def _kind(self) -> SparsityConfig:
@@ -142,6 +148,13 @@ class ParallelConfig(_Section):
     sp: bool = Field(default=False, description="sequence parallelism (needs tp > 1)")
     zero_stage: Literal[0, 1, 2, 3] = 0
     num_microbatches: int | None = Field(default=None, ge=1, description="PP: None = global/micro/dp")
+    dist_timeout_s: float | None = Field(
+        default=None, gt=0,
+        description="timeout of every collective (torch.distributed default group and megatron's groups): "
+        "a rank blocked this long on a dead host fails with an error instead of hanging; None = the "
+        "libraries' defaults (DeepSpeed: DEEPSPEED_TIMEOUT minutes, 10; megatron groups: 30 min). "
+        "See docs/multinode.md",
+    )
 
     @model_validator(mode="after")
     def _sp(self) -> ParallelConfig:
@@ -192,11 +205,26 @@ class CheckpointConfig(_Section):
     interval: int = Field(default=0, ge=0, description="0 = only at the end")
     keep_last: int = Field(default=2, ge=1)
     resume: bool = True
+    init_from: str | None = Field(
+        default=None,
+        description="directory written by `qsparse-dist import-hf`: its weights initialize the model "
+        "when there is no checkpoint to resume (continue-training / fine-tuning)",
+    )
+    load: str | None = Field(
+        default=None,
+        description="resume from this checkpoint (a step_* name under train.run_dir/checkpoints or a path) "
+        "instead of the one `latest` names — e.g. the previous one when the newest is corrupt",
+    )
 
 
 class LoggingConfig(_Section):
     tensorboard: bool = True
     progress_bar: bool = True
+    peak_tflops: float | None = Field(
+        default=None, gt=0,
+        description="peak TFLOP/s of one device for MFU; None = datasheet value of a known GPU, else a "
+        "measured matmul throughput (see qsparse_dist.train.metrics)",
+    )
 
 
 class RunConfig(_Section):

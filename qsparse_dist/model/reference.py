@@ -3,14 +3,15 @@ exported model must reproduce.
 
 Llama-style decoder: token embedding → N × [RMSNorm → attention (RoPE, optional GQA, causal) →
 residual → RMSNorm → FFN (GLU activation, or an MoE of GLU experts) → residual] → RMSNorm → LM head.
-No biases.  Every projection is a :class:`~qsparse_dist.layers.SparseLinear` configured from
-``sparsity`` (``qkv``, ``out``, ``up`` = the fused gate/up fc1, ``down``); the router and the LM head
-stay dense, as in the paper.
+No biases (except the optional QKV bias, ``model.qkv_bias``, for Qwen2).  Every projection is a
+:class:`~qsparse_dist.layers.SparseLinear` configured from ``sparsity`` (``qkv``, ``out``, ``up`` = the
+fused gate/up fc1, ``down``); the router and the LM head stay dense, as in the paper.
 
 Weight layout (the state-dict contract shared with export/import):
     embed.weight [V, H]
     layers.{i}.attn_norm.weight, layers.{i}.ffn_norm.weight [H]
     layers.{i}.attn.qkv.weight  [(nh + 2·ng)·hd, H]  rows = [q heads ‖ k groups ‖ v groups]
+    layers.{i}.attn.qkv.bias    [(nh + 2·ng)·hd]     same row order; only with model.qkv_bias (Qwen2)
     layers.{i}.attn.out.weight  [H, nh·hd]
     layers.{i}.ffn.fc1.weight   [2F, H]  rows = [gate ‖ up]       (dense FFN)
     layers.{i}.ffn.fc2.weight   [H, F]
@@ -66,7 +67,8 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.ng, self.hd = m.num_attention_heads, m.query_groups, m.head_dim
         qkv_out = (self.nh + 2 * self.ng) * self.hd
-        self.qkv = SparseLinear(m.hidden_size, qkv_out, recipe=s.recipe("qkv"), init_std=m.init_std)
+        self.qkv = SparseLinear(m.hidden_size, qkv_out, bias=m.qkv_bias, recipe=s.recipe("qkv"),
+                                init_std=m.init_std)
         self.out = SparseLinear(self.nh * self.hd, m.hidden_size, recipe=s.recipe("out"), init_std=m.init_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -144,6 +146,8 @@ class MoEMLP(nn.Module):
             rows, slot = (top_idx == e).nonzero(as_tuple=True)
             if rows.numel():
                 out.index_add_(0, rows, expert(h[rows]) * weights[rows, slot, None])
+            else:  # idle this forward: drop last forward's stats so sparsity_stats skips this expert
+                expert.fc1.last_input_zero_fraction = expert.fc2.last_input_zero_fraction = None
         return out.view(shape)
 
 

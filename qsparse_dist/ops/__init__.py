@@ -5,6 +5,7 @@ Shared by training (``qsparse_dist.layers``), export and inference (``qsparse_di
 
 from .activations import GLU_ACTIVATIONS, drelu, glu_activation, relu2, relu2glu, split_gate_up, swiglu
 from .linear import LINEAR_KINDS, LinearRecipe, qsparse_linear
+from .packing import PackedTernary, pack_ternary, pack_ternary_weight, to_feature_major, unpack_ternary
 from .quant import (
     fake_quant_activation_int8,
     fake_quant_weight_ternary,
@@ -28,6 +29,7 @@ __all__ = [
     "GLU_ACTIVATIONS",
     "LINEAR_KINDS",
     "LinearRecipe",
+    "PackedTernary",
     "SparsityMeter",
     "apply_mask",
     "drelu",
@@ -37,6 +39,8 @@ __all__ = [
     "kept_count",
     "l2_rescale",
     "mask_from_threshold",
+    "pack_ternary",
+    "pack_ternary_weight",
     "qsparse_linear",
     "quantize_activation_int8",
     "quantize_weight_ternary",
@@ -45,9 +49,11 @@ __all__ = [
     "split_gate_up",
     "swiglu",
     "ternary_scale",
+    "to_feature_major",
     "topk_mask",
     "topk_sparsify",
     "topk_threshold",
+    "unpack_ternary",
     "validate_sparsity",
     "zero_fraction",
 ]

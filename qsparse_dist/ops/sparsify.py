@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from .dispatch import triton_kernels_for
+
 __all__ = [
     "apply_mask",
     "kept_count",
@@ -119,6 +121,10 @@ def topk_mask(
 ) -> torch.Tensor:
     """Boolean mask of the kept entries: top-k of ``|x|`` per row (or per block of ``block_size``)."""
     _check_input(x, block_size)
+    if method in ("topk", "kthvalue") and triton_kernels_for(x):
+        from ..infer.kernels.topk import topk_mask_triton
+
+        return topk_mask_triton(x, sparsity, block_size=block_size)
     with torch.no_grad():
         a = x.detach().abs()
         if block_size is None:
@@ -179,6 +185,11 @@ def topk_sparsify(
         rescale: L2 re-scaling after top-K (:func:`l2_rescale`), off by default.
         method: threshold selection, ``"topk"`` or ``"kthvalue"``.
     """
+    if not rescale and method in ("topk", "kthvalue") and triton_kernels_for(x):
+        _check_input(x, block_size)
+        from ..infer.kernels.topk import topk_sparsify_triton
+
+        return topk_sparsify_triton(x, sparsity, block_size=block_size, ste=ste)
     mask = topk_mask(x, sparsity, block_size=block_size, method=method)
     y = apply_mask(x, mask, ste)
     return l2_rescale(y, x) if rescale else y

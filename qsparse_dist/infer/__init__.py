@@ -1,0 +1,23 @@
+"""Inference: runtime (:mod:`.runtime`: load an HF export, sparse linear path, kernel hook), decoding
+(:mod:`.generate`, :mod:`.sampling`), decode kernels (``qsparse_dist.infer.kernels``) and CUDA-graph
+helpers.  Names are imported lazily so that ``import qsparse_dist.infer.kernels`` stays light."""
+
+from __future__ import annotations
+
+__all__ = ["load_model", "LoadedModel", "generate_text", "generate_ids", "sample_next", "register_linear_backend"]
+
+
+def __getattr__(name: str):
+    if name in ("load_model", "LoadedModel", "register_linear_backend"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    if name in ("generate_text", "generate_ids"):
+        from . import generate
+
+        return getattr(generate, name)
+    if name == "sample_next":
+        from .sampling import sample_next
+
+        return sample_next
+    raise AttributeError(name)

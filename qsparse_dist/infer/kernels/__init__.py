@@ -1,0 +1,41 @@
+"""Triton kernels for Q-Sparse / BitNet: training (top-K mask, mask+STE, N:M, fused int8 fake-quant)
+and decode (sparse GEMV, ternary 2-bit GEMV, both combined).
+
+The torch ops in :mod:`qsparse_dist.ops` are the reference and the CPU path; these kernels compute
+the same values (the top-K mask bit for bit, tie rule included) and are used when
+:func:`use_triton` says so.  Design and measured numbers: ``docs/kernels.md``.
+
+Switches (environment):
+    QSPARSE_TRITON=0   never dispatch to the kernels (torch ops everywhere)
+    QSPARSE_TRITON=1   with TRITON_INTERPRET=1 also dispatch CPU tensors (tests of the wiring)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["triton_available", "use_triton"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``import triton`` works."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the ops should run the Triton kernels for tensor ``x``."""
+    flag = os.environ.get("QSPARSE_TRITON", "")
+    if flag == "0" or not triton_available():
+        return False
+    if x.is_cuda:
+        return True
+    return flag == "1" and os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,184 @@
+"""megatron-core layer specs with the Q-Sparse / BitNet linears — swapped by spec, megatron unforked.
+
+Starting from megatron's local spec (``get_gpt_layer_local_spec``) we replace:
+
+    input_layernorm / pre_mlp_layernorm / final norm   → :class:`QSparseRMSNorm`
+    self_attention.linear_qkv                           → QSparseColumnParallelLinear(recipe=qkv)
+    self_attention.linear_proj                          → QSparseRowParallelLinear(recipe=out)
+    self_attention.core_attention                       → :class:`SDPACoreAttention`
+    mlp (dense)                                         → :class:`QSparseMLP`(activation)
+    mlp.linear_fc1 / linear_fc2                         → Column(recipe=up) / Row(recipe=down)
+    mlp.experts (MoE)                                   → :class:`QSparseSequentialMLP` of QSparseMLP
+
+``QSparseRMSNorm`` is the reference RMSNorm (same float32 formula) accepting megatron's constructor
+and marking its weight ``sequence_parallel`` under SP (megatron's ``WrappedTorchNorm`` refuses SP);
+those gradients must be all-reduced over the TP group
+(:func:`qsparse_dist.model.megatron_gpt.reduce_model_parallel_grads`).
+
+``SDPACoreAttention`` is megatron's ``DotProductAttention`` computing with
+``torch.nn.functional.scaled_dot_product_attention`` (causal) like the reference, so a TP=1 model's
+logits are bit-identical to the reference's (megatron's baddbmm/softmax path differs by ~1e-7).
+
+``QSparseMLP`` applies ``qsparse_dist.ops.glu_activation`` (relu2glu | drelu | swiglu) to the fused
+fc1 output (rank-local ``[gate_r ‖ up_r]``) — dReLU gates *both* halves, which megatron's
+``activation(gate)·up`` form cannot express — and, for MoE experts, multiplies the router
+probability into the expert *output* (the reference's ``expert(h)·p``; megatron 0.16.1 multiplies it
+into the fc2 input, which would change the BitNet int8 quantization of fc2's input).
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config.schema import RunConfig
+from ..model.reference import RMSNorm
+from ..ops import glu_activation
+from .parallel_linear import QSparseColumnParallelLinear, QSparseRowParallelLinear
+
+__all__ = [
+    "SDPACoreAttention",
+    "QSparseRMSNorm",
+    "QSparseMLP",
+    "QSparseSequentialMLP",
+    "get_qsparse_layer_spec",
+    "get_qsparse_block_spec",
+]
+
+
+class QSparseRMSNorm(RMSNorm):
+    """The reference RMSNorm with megatron's norm constructor; sequence-parallel aware."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> None:
+        super().__init__(hidden_size, eps)
+        if config.params_dtype is not None:
+            self.weight.data = self.weight.data.to(config.params_dtype)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+
+class SDPACoreAttention(DotProductAttention):
+    """Causal scaled-dot-product attention on megatron's ``[s, b, heads, hd]`` layout (GQA groups
+    repeated as in the reference).  ``attention_mask=None`` → causal; a boolean mask (True = masked,
+    megatron's convention) is honoured as given."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPACoreAttention supports neither packed sequences nor attention bias")
+        rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hd]
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        p = self.config.attention_dropout if self.training else 0.0
+        kwargs = {"is_causal": True} if attention_mask is None else {"attn_mask": ~attention_mask}
+        if self.softmax_scale != 1.0 / math.sqrt(q.shape[-1]):  # SDPA's default scale otherwise
+            kwargs["scale"] = self.softmax_scale
+        if p > 0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, **kwargs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        return y.permute(2, 0, 1, 3).reshape(y.shape[2], y.shape[0], -1)
+
+
+class QSparseMLP(MLP):
+    """megatron ``MLP`` computing ``fc2(act([gate ‖ up] = fc1(x)))`` with a named GLU activation.
+
+    ``per_token_scale`` (MoE router probabilities) scales the output rows.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, *, activation: str = "relu2glu",
+                 **kwargs) -> None:
+        if not config.gated_linear_unit:
+            raise ValueError("QSparseMLP needs config.gated_linear_unit=True (fused [gate ‖ up] fc1)")
+        super().__init__(config, submodules, **kwargs)
+        self.activation = activation
+        self.glu = glu_activation(activation)
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None, **kwargs):
+        h, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            h = h + bias
+        out, out_bias = self.linear_fc2(self.glu(h))
+        if per_token_scale is not None:
+            if out_bias is not None:
+                out, out_bias = out + out_bias, None
+            out = (out * per_token_scale.unsqueeze(-1)).to(out.dtype)
+        return out, out_bias
+
+
+class QSparseSequentialMLP(SequentialMLP):
+    """megatron ``SequentialMLP`` whose local experts are :class:`QSparseMLP`.
+
+    ``SequentialMLP.__init__`` hard-codes ``MLP`` for its experts, so this constructor reproduces it
+    (config override for ``moe_ffn_hidden_size``, the EP / expert-TP / expert-DP groups) with our MLP.
+    """
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, submodules: MLPSubmodules,
+                 pg_collection=None, *, activation: str = "relu2glu") -> None:
+        if pg_collection is None:
+            raise ValueError("QSparseSequentialMLP needs the pg_collection megatron's MoELayer passes")
+        if config.moe_ffn_hidden_size != config.ffn_hidden_size:
+            config = deepcopy(config)
+            config.ffn_hidden_size = config.moe_ffn_hidden_size
+        MegatronModule.__init__(self, config=config)
+        self.num_local_experts = num_local_experts
+        self.ep_group = pg_collection.ep
+        self.tp_group = pg_collection.expt_tp
+        self.dp_group = pg_collection.expt_dp
+        self.local_experts = torch.nn.ModuleList(
+            QSparseMLP(self.config, submodules, activation=activation,
+                       ffn_hidden_size=self.config.moe_ffn_hidden_size, is_expert=True,
+                       tp_group=pg_collection.expt_tp)
+            for _ in range(num_local_experts)
+        )
+
+
+def _linear(cls: type, cfg: RunConfig, projection: str) -> ModuleSpec:
+    return ModuleSpec(module=cls, params={"recipe": cfg.sparsity.recipe(projection), "projection": projection})
+
+
+def get_qsparse_layer_spec(cfg: RunConfig) -> ModuleSpec:
+    """The ``TransformerLayer`` spec of one decoder layer for ``cfg`` (dense FFN or MoE)."""
+    m = cfg.model
+    spec = get_gpt_layer_local_spec(num_experts=m.moe.num_experts if m.moe else None, moe_grouped_gemm=False)
+    layer = spec.submodules
+    layer.input_layernorm = QSparseRMSNorm
+    layer.pre_mlp_layernorm = QSparseRMSNorm
+    attn = layer.self_attention.submodules
+    attn.linear_qkv = _linear(QSparseColumnParallelLinear, cfg, "qkv")
+    attn.linear_proj = _linear(QSparseRowParallelLinear, cfg, "out")
+    attn.core_attention = SDPACoreAttention
+    mlp_sub = MLPSubmodules(
+        linear_fc1=_linear(QSparseColumnParallelLinear, cfg, "up"),
+        linear_fc2=_linear(QSparseRowParallelLinear, cfg, "down"),
+    )
+    if m.moe is None:
+        layer.mlp = ModuleSpec(module=QSparseMLP, submodules=mlp_sub, params={"activation": m.ffn_activation})
+    else:  # 0.16.1: the mlp slot is a ModuleSpec(MoELayer) with .submodules.experts a ModuleSpec
+        layer.mlp.submodules.experts = ModuleSpec(
+            module=QSparseSequentialMLP, submodules=mlp_sub, params={"activation": m.ffn_activation}
+        )
+        layer.mlp.submodules.shared_experts = None
+    return spec
+
+
+def get_qsparse_block_spec(cfg: RunConfig, config: TransformerConfig, pp_rank: int | None = None,
+                           vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Layer specs of this pipeline stage plus the final :class:`QSparseRMSNorm`."""
+    layer = get_qsparse_layer_spec(cfg)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=QSparseRMSNorm)

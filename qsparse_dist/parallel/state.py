@@ -1,0 +1,76 @@
+"""Model-parallel state: megatron-core ``parallel_state`` groups, the RNG tracker, the CPU shims.
+
+``initialize_parallel(pcfg, seed)`` assumes ``torch.distributed`` is initialized (torchrun /
+DeepSpeed launcher) and builds megatron's groups for ``tp × pp`` (data parallel = the rest) with
+``ep`` expert-parallel ranks and expert tensor-parallel size 1 (every expert whole on its EP rank).
+Invalid layouts fail here, before any group is created, with an error naming the setting.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..config.schema import ParallelConfig
+
+__all__ = ["initialize_parallel", "destroy_parallel", "validate_world", "parallel_initialized"]
+
+
+def validate_world(pcfg: ParallelConfig, world_size: int) -> None:
+    """Raise ``ValueError`` naming the field when ``tp·pp`` / ``ep`` do not fit ``world_size`` ranks."""
+    mp = pcfg.tp * pcfg.pp
+    if world_size % mp:
+        raise ValueError(
+            f"parallel.tp={pcfg.tp} × parallel.pp={pcfg.pp} = {mp} does not divide the world size {world_size}"
+        )
+    dp = world_size // mp
+    # Expert layout (expert TP = 1): the ep ranks come from the tp·dp ranks of one pipeline stage.
+    if (pcfg.tp * dp) % pcfg.ep:
+        raise ValueError(
+            f"parallel.ep={pcfg.ep} does not divide tp × data-parallel = {pcfg.tp * dp} ranks per stage"
+        )
+
+
+def parallel_initialized() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.model_parallel_is_initialized()
+
+
+def initialize_parallel(pcfg: ParallelConfig, seed: int) -> None:
+    """Create megatron-core's process groups, seed its RNG tracker (CUDA or CPU) and, without CUDA,
+    install the CPU shims.  Idempotent only through :func:`destroy_parallel` in between."""
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed must be initialized before initialize_parallel()")
+    validate_world(pcfg, dist.get_world_size())
+    from .cpu_shims import enable_cpu_shims, model_parallel_cpu_manual_seed
+
+    on_cpu = enable_cpu_shims()
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if ps.model_parallel_is_initialized():
+        raise RuntimeError("model parallel state already initialized; call destroy_parallel() first")
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=pcfg.tp,
+        pipeline_model_parallel_size=pcfg.pp,
+        expert_model_parallel_size=pcfg.ep,
+        expert_tensor_parallel_size=1,
+        **({"distributed_timeout_minutes": timeout / 60} if (timeout := getattr(pcfg, "dist_timeout_s", None)) else {}),
+    )
+    if on_cpu:
+        model_parallel_cpu_manual_seed(seed)
+    else:
+        torch.cuda.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups (torch.distributed itself stays up) so another layout can follow."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random as mrandom
+
+    ps.destroy_model_parallel()
+    mrandom._CUDA_RNG_STATE_TRACKER = None
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False

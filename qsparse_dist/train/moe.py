@@ -1,0 +1,113 @@
+"""megatron-core MoE under DeepSpeed ZeRO: expert gradients reduced over the expert-data-parallel group.
+
+megatron marks expert parameters ``allreduce=False``; DeepSpeed reads that same flag as "DeepSpeed-MoE
+parameter" and then needs its own expert groups, ``param.group_name`` and an engine that knows it
+has MoE layers (measured failures without them: ``'Parameter' object has no attribute
+'group_name'``, ``KeyError: 'ep_size_2'`` at ZeRO-0, ``expert_dp_process_group[...]`` is ``None`` at
+ZeRO-1/2 — the engine only sets ``has_moe_layers`` for its own ``deepspeed.moe.layer.MoE`` class).
+
+What is correct (``G`` = global batch; each rank's loss is the mean over its own micro-batch):
+an expert's weight gradient on one rank already sums the contributions of every token routed to
+it from all ranks of its expert-parallel group (the all-to-all backward brings them home); summing
+it over the **expert-data-parallel** group (the replicas of the same experts) and dividing by the
+**dense** data-parallel size gives the full-batch mean gradient — DeepSpeed's MoE reduction does
+exactly this (``_reduce_expert_gradients`` / ZeRO-1/2 expert partitions over
+``expert_dp_process_group``).  With expert tensor-parallel size 1 and TP > 1 (sequence parallel),
+megatron's expert-DP group also spans the TP peers, whose per-shard gradients this sum completes.
+
+So :func:`prepare_experts`:
+
+* when the expert-DP group **equals** the data-parallel group (``ep = 1``, ``tp = 1``), experts are
+  ordinary replicated parameters: the flag is cleared (``qsd_expert`` marks them) and every ZeRO
+  stage treats them as dense;
+* otherwise registers megatron's expert-parallel / expert-data-parallel groups with DeepSpeed under
+  the name ``ep_size_{ep}`` (DeepSpeed parses the size from it), sets ``group_name`` on every expert
+  parameter, and :func:`deepspeed_sees_megatron_moe` lets ``deepspeed.initialize`` recognise
+  megatron's ``MoELayer`` as an MoE layer (a scoped swap of the class DeepSpeed's engine tests
+  against), so DeepSpeed builds its MoE optimizer groups.  ZeRO-0/1/2 only: ZeRO-3 partitions every
+  parameter over the data-parallel group, and DeepSpeed 0.19 supports experts at stage 3 only
+  through its own AutoEP layers (refused in :func:`check_moe_zero`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch.distributed as dist
+
+from ..config import ConfigError, RunConfig
+
+__all__ = ["check_moe_zero", "expert_parameters", "prepare_experts", "deepspeed_sees_megatron_moe",
+           "expert_group_name"]
+
+
+def expert_group_name(ep: int) -> str:
+    return f"ep_size_{ep}"
+
+
+def check_moe_zero(cfg: RunConfig) -> None:
+    """Refuse MoE layouts DeepSpeed cannot train correctly (before any process group exists)."""
+    m, p = cfg.model, cfg.parallel
+    if m.moe is None:
+        return
+    if p.zero_stage == 3 and (p.ep > 1 or p.tp > 1):
+        raise ConfigError(
+            f"parallel.zero_stage=3 with an MoE model and parallel.ep={p.ep}, parallel.tp={p.tp}: ZeRO-3 "
+            "partitions every parameter over the data-parallel group, but expert weights differ between "
+            "expert-parallel ranks (and are reduced over the expert-data-parallel group); DeepSpeed 0.19 "
+            "handles experts at stage 3 only for its own AutoEP layers. Use zero_stage 0, 1 or 2 (ZeRO-3 "
+            "works for MoE with ep=1 and tp=1, where experts are plain replicated parameters)."
+        )
+
+
+def expert_parameters(model) -> list:
+    return [p for p in model.parameters() if getattr(p, "allreduce", True) is False
+            or getattr(p, "qsd_expert", False)]
+
+
+def _ranks(group) -> list[int]:
+    return dist.get_process_group_ranks(group)
+
+
+def prepare_experts(model, cfg: RunConfig) -> bool:
+    """Mark expert parameters for DeepSpeed; return whether DeepSpeed's MoE path is needed."""
+    from megatron.core import parallel_state as ps
+
+    experts = [p for p in model.parameters() if getattr(p, "allreduce", True) is False]
+    if not experts:
+        return False
+    for p in experts:
+        p.qsd_expert = True
+    if _ranks(ps.get_expert_data_parallel_group()) == _ranks(ps.get_data_parallel_group()):
+        for p in experts:
+            p.allreduce = True  # a replicated parameter like any other (see module docstring)
+        return False
+    from deepspeed.utils import groups
+
+    name = expert_group_name(cfg.parallel.ep)
+    ep_group, edp_group = ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group()
+    groups._EXPERT_PARALLEL_GROUP[name] = ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = _ranks(ep_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = _ranks(edp_group)
+    for p in experts:
+        p.group_name = name
+    return True
+
+
+@contextlib.contextmanager
+def deepspeed_sees_megatron_moe(model):
+    """During ``deepspeed.initialize``: DeepSpeed's engine counts megatron ``MoELayer`` modules as MoE
+    layers (it tests ``isinstance(module, deepspeed.moe.layer.MoE)`` and reads ``num_experts``)."""
+    import deepspeed.runtime.engine as ds_engine
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for mod in model.modules():
+        if isinstance(mod, MoELayer):
+            mod.num_experts = mod.config.num_moe_experts
+    original = ds_engine.MoE
+    ds_engine.MoE = (original, MoELayer)
+    try:
+        yield
+    finally:
+        ds_engine.MoE = original

@@ -1,0 +1,258 @@
+"""Triton kernels against the torch reference ops, under the interpreter (TRITON_INTERPRET=1) on CPU.
+
+Tiny shapes: the interpreter runs each program in numpy.  The same tests run on a GPU unchanged.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
+from qsparse_dist.infer.kernels.gemv import GemvConfig, gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
+from qsparse_dist.infer.kernels.topk import (  # noqa: E402
+    quantize_rows_int8,
+    topk_mask_triton,
+    topk_rows,
+    topk_sparsify_triton,
+)
+from qsparse_dist.ops import (  # noqa: E402
+    LinearRecipe,
+    fake_quant_activation_int8,
+    pack_ternary,
+    quantize_activation_int8,
+    topk_mask,
+    topk_sparsify,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _x(rows, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d, generator=g)
+    # plant ties at the threshold: equal magnitudes of both signs spread over the row
+    x[0, ::3] = 0.75
+    x[0, 1::5] = -0.75
+    if rows > 1:
+        x[1] = 0.5  # a row of all-equal magnitudes: the k lowest indices win
+    return x.to(dtype).to(DEV)
+
+
+@pytest.fixture
+def torch_ops(monkeypatch):
+    """Reference: the torch path of the ops (no dispatch even on CUDA)."""
+    monkeypatch.setenv("QSPARSE_TRITON", "0")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95])
+def test_topk_mask_identical_to_reference_with_ties(dtype, sparsity, torch_ops):
+    x = _x(4, 37, dtype, seed=int(sparsity * 100))
+    got = topk_mask_triton(x, sparsity)
+    ref = topk_mask(x, sparsity)
+    assert torch.equal(got, ref)
+    assert int(got[1].sum()) == ref[1].sum() and bool(got[1, : int(ref[1].sum())].all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_two_bit_radix_steps_same_mask(dtype, monkeypatch, torch_ops):
+    import qsparse_dist.infer.kernels.topk as tk
+
+    x = _x(3, 41, dtype, seed=9)
+    for two in (True, False):
+        monkeypatch.setattr(tk, "TWO_BITS_OVERRIDE", two)
+        for sparsity in (0.5, 0.8):
+            assert torch.equal(topk_mask_triton(x, sparsity), topk_mask(x, sparsity))
+
+
+@pytest.mark.parametrize("block_size,sparsity", [(8, 0.5), (16, 0.75)])
+def test_block_nm_mask_identical(block_size, sparsity, torch_ops):
+    x = _x(3, 64, torch.bfloat16, seed=block_size)
+    got = topk_mask_triton(x, sparsity, block_size=block_size)
+    assert torch.equal(got, topk_mask(x, sparsity, block_size=block_size))
+    k = block_size - int(sparsity * block_size + 0.5)
+    assert (got.reshape(3, -1, block_size).sum(-1) == k).all()
+
+
+@pytest.mark.parametrize("ste", [True, False])
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_mask_ste_forward_and_backward(ste, block_size, torch_ops):
+    x0 = _x(3, 32, torch.float32, seed=7)
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    y = topk_sparsify_triton(x, 0.6, block_size=block_size, ste=ste)
+    yr = topk_sparsify(xr, 0.6, block_size=block_size, ste=ste)
+    assert torch.equal(y, yr)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    assert torch.equal(x.grad, xr.grad)
+    if ste:
+        assert torch.equal(x.grad, g)
+    else:
+        assert bool((x.grad[y == 0] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_fused_mask_fake_quant_bitwise(dtype, block_size, torch_ops):
+    x = _x(4, 48, dtype, seed=3)
+    got = topk_sparsify_triton(x, 0.5, block_size=block_size, quantize=True)
+    ref = fake_quant_activation_int8(topk_sparsify(x, 0.5, block_size=block_size))
+    assert torch.equal(got, ref)
+
+
+def test_quantize_rows_int8_matches_quantizer(torch_ops):
+    x = _x(3, 40, torch.bfloat16, seed=5)
+    q, s = quantize_rows_int8(x, 0.5)
+    qr, sr = quantize_activation_int8(topk_sparsify(x, 0.5))
+    assert torch.equal(q, qr) and torch.equal(s, sr[..., 0])
+    q0, s0 = quantize_rows_int8(x)  # no top-K: plain per-token absmax int8
+    qr0, sr0 = quantize_activation_int8(x)
+    assert torch.equal(q0, qr0) and torch.equal(s0, sr0[..., 0])
+
+
+def test_ops_dispatch_uses_kernels(monkeypatch):
+    """The ops hooks call the kernels (forced on CPU with QSPARSE_TRITON=1) and agree with torch."""
+    import qsparse_dist.infer.kernels.topk as tk
+
+    calls = []
+    orig = tk._TopKSTE.apply
+    monkeypatch.setattr(tk._TopKSTE, "apply", lambda *a: calls.append(a[1:]) or orig(*a))
+    x = _x(2, 24, torch.float32, seed=11).requires_grad_()
+    r = LinearRecipe(kind="bitnet_qsparse", sparsity=0.5)
+    monkeypatch.setenv("QSPARSE_TRITON", "0")
+    ref = r.prepare_input(x)
+    ref_mask = topk_mask(x, 0.5)
+    monkeypatch.setenv("QSPARSE_TRITON", "1")
+    got = r.prepare_input(x)
+    assert calls and calls[-1][-1] is True  # quantize=True: the fused mask + fake-quant kernel
+    assert torch.equal(got, ref)
+    assert torch.equal(topk_mask(x, 0.5), ref_mask)
+    got.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # STE through mask and quant
+
+
+CFGS = [GemvConfig(block_n=16, block_k=16, split_k=1), GemvConfig(block_n=32, block_k=16, split_k=3)]
+
+
+def _rel(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("cfg", CFGS, ids=["nosplit", "splitk"])
+def test_sparse_gemv(batch, cfg, torch_ops):
+    k, n = 70, 45
+    g = torch.Generator().manual_seed(batch)
+    x = topk_sparsify(torch.randn(batch, k, generator=g), 0.5).to(torch.bfloat16).to(DEV)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16).to(DEV)
+    ref = x.double() @ w.double().t()
+    out = torch.full((batch, n), float("nan"), device=DEV)  # poisoned: every element must be written
+    y = sparse_gemv(x, w.t().contiguous(), config=cfg, out=out)
+    assert y.dtype == torch.float32 and not y.isnan().any()
+    assert _rel(y, ref) < 1e-5
+    # a weight row of a dropped feature is never read: poisoning it changes nothing
+    wt = w.t().contiguous()
+    wt[(x == 0).all(0)] = float("nan")
+    assert _rel(sparse_gemv(x, wt, config=cfg), ref) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("cfg", CFGS, ids=["nosplit", "splitk"])
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("n", [45, 48])
+def test_ternary_gemv(batch, cfg, skip, n, torch_ops):
+    # n = 45: padded codes in the last packed byte (byte kernel); n = 48, batch 1: 32-bit word kernel
+    k = 70
+    g = torch.Generator().manual_seed(10 + batch)
+    w_q = torch.randint(-1, 2, (n, k), generator=g).to(torch.int8)
+    s_w = torch.tensor(0.37)
+    x = torch.randn(batch, k, generator=g).to(DEV)
+    q, s_x = quantize_rows_int8(x, 0.5 if skip else None)
+    wt_packed = pack_ternary(w_q.t().contiguous()).to(DEV)
+    y = ternary_gemv(q, s_x, wt_packed, s_w.to(DEV), n, skip_zeros=skip, config=cfg)
+    ref = (q.double() @ w_q.double().t().to(DEV)) * s_x.double()[:, None] * 0.37
+    assert y.shape == (batch, n) and _rel(y, ref) < 1e-6, _rel(y, ref)
+    # same as the training-side fake-quant linear: Q8(x ⊙ M) · (s_w W_q)ᵀ
+    xin = fake_quant_activation_int8(topk_sparsify(x, 0.5)) if skip else fake_quant_activation_int8(x)
+    assert _rel(y, xin.double() @ (w_q.double() * 0.37).t().to(DEV)) < 1e-5
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=["nosplit", "splitk"])
+def test_compacted_list_and_gather_gemv(cfg, torch_ops):
+    k, n = 72, 48
+    x = _x(1, k, torch.bfloat16, seed=21)
+    kk = 30
+    lst = topk_rows(x, kk, write_idx=True, write_y=False)
+    ref_mask = topk_mask(x, 1 - kk / k)
+    assert int(ref_mask.sum()) == kk
+    assert torch.equal(lst["idx"][0].long(), ref_mask[0].nonzero()[:, 0])  # ascending kept indices
+    assert torch.equal(lst["vals"][0], x[0][ref_mask[0]])
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16).to(DEV)
+    y = gather_gemv(lst["vals"], lst["idx"], w.t().contiguous(), n, config=cfg)
+    assert _rel(y, (x * ref_mask).double() @ w.double().t()) < 1e-5
+    # ternary: int8 codes of the kept values, 32-bit word decoding
+    lq = topk_rows(x, kk, write_idx=True, write_y=False, quant=2)
+    q, s = quantize_rows_int8(x, 1 - kk / k)
+    assert torch.equal(lq["vals"][0], q[0][ref_mask[0]]) and torch.equal(lq["scale"], s)
+    w_q = torch.randint(-1, 2, (n, k), generator=g).to(torch.int8)
+    y = gather_gemv(lq["vals"], lq["idx"], pack_ternary(w_q.t().contiguous()).to(DEV), n, x_scale=lq["scale"],
+                    w_scale=torch.tensor(0.5, device=DEV), config=cfg)
+    ref = (q.double() @ w_q.double().t().to(DEV)) * s.double()[:, None] * 0.5
+    assert _rel(y, ref) < 1e-6
+
+
+def test_gemv_argument_errors():
+    with pytest.raises(ValueError, match="x must be"):
+        sparse_gemv(torch.zeros(2, 3), torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="batch <= 16"):
+        sparse_gemv(torch.zeros(17, 4), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="x_q must be int8"):
+        ternary_gemv(torch.zeros(1, 4), torch.ones(1), torch.zeros(4, 1, dtype=torch.uint8), torch.tensor(1.0), 4)
+    with pytest.raises(ValueError, match="packed columns"):
+        ternary_gemv(torch.zeros(1, 4, dtype=torch.int8), torch.ones(1),
+                     torch.zeros(4, 3, dtype=torch.uint8), torch.tensor(1.0), 4)
+
+
+@pytest.mark.parametrize("kind", ["qsparse", "bitnet_qsparse", "dense"])
+def test_kernel_decoder_matches_reference_model(kind, torch_ops):
+    """Graph-capturable decode step (prologue + GEMV + RoPE/cache + attention kernels) vs the
+    reference model's KV-cache forward, float32."""
+    from qsparse_dist.config.schema import ModelConfig, SparsityConfig
+    from qsparse_dist.infer.cuda_graph import GraphedStep
+    from qsparse_dist.infer.kernels.decoder import KernelDecoder
+    from qsparse_dist.model.reference import QSparseGPT
+
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=40, hidden_size=32, num_layers=1, num_attention_heads=4, num_query_groups=2,
+                    ffn_hidden_size=48, seq_length=8)
+    sp = SparsityConfig(linear=kind) if kind == "dense" else SparsityConfig(linear=kind, qkv=0.5, out=0.5,
+                                                                              up=0.5, down=0.6)
+    model = QSparseGPT(m, sp).to(DEV).eval()
+    toks = torch.randint(0, 40, (1, 3), device=DEV)
+    with torch.no_grad():
+        ref = model(toks)[0]
+        dec = KernelDecoder(model, max_len=8)
+        step = GraphedStep(dec.step, (toks[0, :1], torch.zeros(1, dtype=torch.long, device=DEV)))
+        got = torch.cat([step(toks[0, p:p + 1], torch.tensor([p], device=DEV)).clone() for p in range(3)])
+    assert _rel(got, ref) < 1e-4
+
+
+def test_graphed_step_eager_fallback_and_errors():
+    from qsparse_dist.infer.cuda_graph import GraphedStep
+
+    x = torch.arange(4.0)
+    step = GraphedStep(lambda t: t * 2, (x,), enabled=False)
+    assert torch.equal(step(x), x * 2) and torch.equal(step.replay(), x * 2)
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedStep(lambda t: t, (x,), warmup=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            GraphedStep(lambda t: t, (x,), enabled=True)

@@ -1,0 +1,129 @@
+"""``tools/sparsity_report.py`` and ``qsparse_dist.analysis.sparsity_report`` on a tiny trained model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qsparse_dist.analysis.sparsity_report import format_report, measure_sparsity, token_batches
+from qsparse_dist.config import config_from_dict
+from qsparse_dist.data import TokenFile, prepare_data
+from qsparse_dist.export.consolidate import save_reference_checkpoint
+from qsparse_dist.model import QSparseGPT
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("sparsity_report_tool", ROOT / "tools" / "sparsity_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    if not CORPUS.is_file():
+        pytest.skip(f"corpus {CORPUS} not present")
+    out = tmp_path_factory.mktemp("data")
+    prepare_data([str(CORPUS)], out, vocab_size=400, max_documents=200, valid_fraction=0.05, num_proc=1,
+                 log=lambda *a: None)
+    return out
+
+
+def tiny_config(moe: bool, linear: str = "qsparse"):
+    model = {"vocab_size": 400, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 4,
+             "ffn_hidden_size": 64, "seq_length": 32}
+    if moe:
+        model["moe"] = {"num_experts": 4, "router_topk": 2}
+    return config_from_dict({"model": model, "sparsity": {"linear": linear, "qkv": 0.5, "out": 0.5,
+                                                           "up": 0.5, "down": 0.75}})
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(data_dir, tmp_path_factory):
+    """A tiny MoE Q-Sparse model trained for a few steps on the prepared data."""
+    torch.manual_seed(0)
+    cfg = tiny_config(moe=True)
+    model = QSparseGPT(cfg.model, cfg.sparsity)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    toks = TokenFile(data_dir, "train").tokens
+    batch = next(iter(token_batches(toks, 33, 8, 1)))
+    for _ in range(5):
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 400), batch[:, 1:].reshape(-1)) + model.aux_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_reference_checkpoint(tmp_path_factory.mktemp("ckpt"), model.state_dict(), cfg), cfg
+
+
+def test_token_batches():
+    toks = np.arange(1000)
+    batches = list(token_batches(toks, 10, 4, 3))
+    assert [tuple(b.shape) for b in batches] == [(4, 10)] * 3
+    assert batches[0][0].tolist() == list(range(10)) and batches[0].dtype == torch.int64
+    assert len(list(token_batches(np.arange(25), 10, 4, 3))) == 1  # only 2 windows exist
+    with pytest.raises(ValueError, match="fewer than one window"):
+        list(token_batches(np.arange(5), 10, 4, 1))
+
+
+def test_measure_dense_ffn_matches_targets():
+    cfg = tiny_config(moe=False)
+    torch.manual_seed(1)
+    model = QSparseGPT(cfg.model, cfg.sparsity)
+    batches = [torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rep = measure_sparsity(model, cfg, batches)
+    assert rep.sparsity.shape == (2, 4) and rep.tokens == 128 and rep.batches == 2
+    assert np.allclose(rep.sparsity[:, :3], 0.5)  # qkv, out, up: exactly the top-K zeros
+    assert np.all(rep.sparsity[:, 3] >= 0.75)  # down: top-K plus the activation's own zeros
+    assert rep.target == {"qkv": 0.5, "out": 0.5, "up": 0.5, "down": 0.75}
+    assert rep.expert_load is None
+    assert not any(getattr(m, "track_sparsity", False) for m in model.modules())  # switched off again
+    text = format_report(rep)
+    assert "top-K" in text and "0.5000" in text
+
+
+def test_tool_on_trained_moe_checkpoint(moe_checkpoint, data_dir, tmp_path, capsys):
+    ckpt, cfg = moe_checkpoint
+    out = tmp_path / "report"
+    rc = _load_tool().main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--batches", "2",
+                            "--batch-size", "4", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "MoE expert load" in text and "[valid]" in text
+    rep = json.loads((out / "sparsity_report.json").read_text())
+    sp = np.array(rep["sparsity"], dtype=float)
+    assert sp.shape == (2, 4)
+    assert np.allclose(sp[:, :3], 0.5) and np.all(sp[:, 3] >= 0.75)
+    load = np.array(rep["expert_load"])
+    assert load.shape == (2, 4) and np.allclose(load.sum(1), 1.0)
+    assert rep["tokens"] == 2 * 4 * 32 and rep["split"] == "valid"
+    assert all(r >= 1.0 for r in rep["expert_load_max_over_mean"])
+    assert (out / "sparsity_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "sparsity_report.txt").read_text().startswith("activation sparsity")
+
+
+def test_tool_errors(moe_checkpoint, data_dir, tmp_path, capsys):
+    tool = _load_tool()
+    ckpt, cfg = moe_checkpoint
+    assert tool.main(["--checkpoint", str(tmp_path), "--data", str(data_dir)]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+    assert tool.main(["--checkpoint", str(ckpt), "--data", str(tmp_path)]) == 2
+    assert "no meta.json" in capsys.readouterr().err
+    assert tool.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--batches", "0"]) == 2
+    assert "--batches must be >= 1" in capsys.readouterr().err
+    # a model whose vocabulary is smaller than the data's token ids
+    small = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": 50})})
+    torch.manual_seed(0)
+    sd = QSparseGPT(small.model, small.sparsity).state_dict()
+    bad = save_reference_checkpoint(tmp_path / "small", sd, small)
+    assert tool.main(["--checkpoint", str(bad), "--data", str(data_dir), "--batches", "1"]) == 2
+    assert "outside the model's vocab_size=50" in capsys.readouterr().err
