@@ -7,7 +7,8 @@ Activations, per token (absmax, int8):
     s_x = max(|x|, eps) / 127,   x_q = clamp(round(x / s_x), -128, 127),   x ≈ s_x · x_q
 
 Training keeps latent full-precision weights; the forward uses the de-quantized values and the
-backward passes gradients straight through the rounding:  ``fq(w) = w + (deq(q(w)) - w).detach()``.
+backward passes gradients straight through the rounding:  ``fq(w) = deq(q(w)) + (w - w.detach())``
+(forward value exactly ``deq``, so packed exports reproduce training bit for bit; gradient 1).
 With Q-Sparse the top-K mask is taken from the *unquantized* ``|x|`` first; quantizing a sparsified
 row keeps its zeros (round(0) = 0) and its absmax (the largest entry is always kept).
 
@@ -76,7 +77,7 @@ def fake_quant_weight_ternary(
     """``s_w · W_q`` in ``w``'s dtype with the straight-through gradient ``∂/∂w = 1``."""
     w_q, s = quantize_weight_ternary(w, eps, scale)
     deq = (w_q.float() * s).to(w.dtype)
-    return w + (deq - w).detach()
+    return deq + (w - w.detach())
 
 
 def fake_quant_activation_int8(
@@ -85,4 +86,4 @@ def fake_quant_activation_int8(
     """``s_x · x_q`` in ``x``'s dtype with the straight-through gradient ``∂/∂x = 1``."""
     x_q, s = quantize_activation_int8(x, eps, absmax)
     deq = (x_q.float() * s).to(x.dtype)
-    return x + (deq - x).detach()
+    return deq + (x - x.detach())

@@ -18,7 +18,7 @@ One Triton program owns ``BLOCK_R`` rows of ``D`` features (a row is a token, or
 
 Fused epilogues (all in the same pass, one read of ``x``): the masked activation ``x ⊙ M``; the
 boolean mask; the BitNet per-token absmax int8 fake-quant of ``x ⊙ M`` (reproducing
-``fake_quant_activation_int8``'s float32 arithmetic and its final ``x + (deq - x)`` in ``x``'s dtype);
+``fake_quant_activation_int8``'s float32 arithmetic and its forward value ``deq`` in ``x``'s dtype);
 or the real int8 codes and scales for the decode GEMV kernels.
 """
 
@@ -159,9 +159,7 @@ def _topk_rows_kernel(
         v = tl.minimum(tl.maximum(v, -128.0), 127.0)
         if QUANT == 1:
             deq = _to_dtype(v * s[:, None], y.dtype, IS_BF16)
-            diff = _to_dtype(deq.to(tl.float32) - yf, y.dtype, IS_BF16)
-            out = _to_dtype(yf + diff.to(tl.float32), y.dtype, IS_BF16)
-            tl.store(y_ptr + offs, out, mask=inb)
+            tl.store(y_ptr + offs, deq, mask=inb)
         else:
             if WRITE_IDX:
                 tl.store(vals_ptr + slot, v.to(tl.int8), mask=kept)
