@@ -21,11 +21,9 @@ KINDS = {  # name: (sparsity kind, config kwargs, pack ternary)
     "mixtral": ("dense", {"act": "swiglu", "moe": True}, False),
     "moe_block_qsparse": ("block_qsparse", {"moe": True}, False),
 }
-# Packed ternary weights are exactly s·W_q, while the training forward multiplies with the STE form
-# w + (s·W_q − w), which differs by <= 1 ulp in a few % of the weights; with large weights such an ulp
-# can flip an int8 activation rounding (docs/export.md).  The packed case therefore uses the standard
-# init scale, where the measured difference stays at float noise; the others use 5× wider weights.
-SCALE = {"bitnet_qsparse_packed": 1.0}
+# Packed ternary weights are exactly s·W_q, and the training fake-quant forward returns exactly s·W_q
+# too, so the packed case uses the same 5× wider weights as the others.
+SCALE: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")

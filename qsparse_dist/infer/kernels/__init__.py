@@ -17,7 +17,7 @@ import os
 
 import torch
 
-__all__ = ["triton_available", "use_triton"]
+__all__ = ["triton_available", "use_triton", "make_decode_linear"]
 
 
 @functools.cache
@@ -39,3 +39,11 @@ def use_triton(x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
     return flag == "1" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def make_decode_linear(recipe, weight, bias, packed):
+    """Runtime kernel backend (see :mod:`.decode_linear`); imported lazily so that importing this
+    package stays free of the runtime."""
+    from .decode_linear import make_decode_linear as make
+
+    return make(recipe, weight, bias, packed)
