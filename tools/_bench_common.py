@@ -18,28 +18,11 @@ import torch
 
 
 def graph_time_ms(fn, iters: int = 30, warmup: int = 3) -> float:
-    """Median ms of one call of ``fn`` replayed from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    del g
-    return statistics.median(times)
+    """Median ms of one call of ``fn`` replayed from a CUDA graph (the package's timer, also used by
+    the kernel autotuner, so benchmarks and tuning measure alike)."""
+    from qsparse_dist.infer.kernels.tune import time_graph_ms
+
+    return time_graph_ms(fn, iters=iters, warmup=warmup)
 
 
 def eager_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
