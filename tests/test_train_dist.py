@@ -33,11 +33,10 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOL, GNORM_RTOL = 2e-5, 1e-4
-# MoE with TP=2 + sequence parallelism (expert-DP group spans the TP peers): ZeRO-0 and ZeRO-1 agree
-# with each other to 1e-7, but differ from the single-process run by up to 5e-4 in loss / 3e-3 in
-# gradient norm from the first step's gradient on (the forward matches exactly) — a model-side MoE+SP
-# gradient difference, not the ZeRO reduction; checked with this looser tolerance (docs/training.md).
-LOOSE = {"moe_tp2_sp_z1": (2e-3, 1e-2)}
+# MoE with TP=2 + sequence parallelism at EP=1: losses match; the gradient norm counts the expert
+# grads (replicated over the TP peers, yet marked ``tensor_model_parallel`` by megatron) once per TP
+# rank, ~1.5e-4 relative here — a reporting/clipping-norm difference only.
+LOOSE = {"moe_tp2_sp_z1": (LOSS_TOL, 5e-4)}
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 def _register_sequence_parallel_grad_hooks(model) -> int:
     """All-reduce (sum) the gradient of every ``sequence_parallel`` parameter over the TP group as it is
-    produced (PP = 1 path; see module docstring)."""
+    produced (PP = 1 path; see module docstring) — and, at EP = 1, of every MoE expert parameter: with
+    expert TP = 1 each TP rank holds all experts and runs them on its own sequence shard, as
+    :func:`~qsparse_dist.model.megatron_gpt.reduce_model_parallel_grads` does on the PP > 1 path."""
     from megatron.core import parallel_state as ps
 
     if ps.get_tensor_model_parallel_world_size() == 1:
@@ -138,8 +140,9 @@ def _register_sequence_parallel_grad_hooks(model) -> int:
         dist.all_reduce(grad, group=group)
         return grad
 
-    for p in model.parameters():
-        if getattr(p, "sequence_parallel", False) and p.requires_grad:
+    ep1 = ps.get_expert_model_parallel_world_size() == 1
+    for name, p in model.named_parameters():
+        if p.requires_grad and (getattr(p, "sequence_parallel", False) or (ep1 and ".mlp.experts." in name)):
             p.register_hook(hook)
             n += 1
     return n
