@@ -36,7 +36,10 @@ def _available() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qsparse-dist", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="qsparse-dist",
+        description="Train, export and serve fully sparsely-activated LLMs (Q-Sparse, BitNet b1.58, MoE).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mods = _available()
     for name, mod in mods.items():
