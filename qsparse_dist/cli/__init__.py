@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "generate": "qsparse_dist.cli.generate",
     "import-hf": "qsparse_dist.cli.import_hf",
     "fit-scaling-law": "qsparse_dist.cli.fit_scaling_law",
+    "report": "qsparse_dist.cli.report",
+    "serve": "qsparse_dist.cli.serve",
 }
 
 

@@ -16,6 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tok.add_argument("--vocab-size", type=int, metavar="N", help="train a sentencepiece BPE tokenizer of N pieces")
     tok.add_argument("--tokenizer", metavar="MODEL",
                      help="use an existing tokenizer: sentencepiece .model file or Hugging Face tokenizer dir")
+    p.add_argument("--glob", action="append", default=[], metavar="PATTERN",
+                   help="read every file under folder inputs matching PATTERN (repeatable, '**' recurses, "
+                        "e.g. '**/*.py'); matched binary/non-UTF-8 files are skipped with a warning")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep exact-duplicate documents (default: only the first of each is kept)")
     p.add_argument("--text-field", default="text", help="jsonl/parquet/hub column holding the text (default: text)")
     p.add_argument("--text-unit", default="paragraph", choices=("paragraph", "line", "document"),
                    help="how plain-text files are cut into documents (default: paragraph)")
@@ -33,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         prepare_data(args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                      text_field=args.text_field, text_unit=args.text_unit, valid_fraction=args.valid_fraction,
                      num_proc=args.num_proc, seed=args.seed, max_documents=args.max_documents,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, globs=args.glob, keep_duplicates=args.keep_duplicates)
     except DataError as e:
         print(f"qsparse-dist prepare-data: error: {e}", file=sys.stderr)
         return 2

@@ -16,9 +16,12 @@ On-disk layout of ``--out DIR`` (read by :class:`qsparse_dist.data.TokenFile`):
     entry is the token count).
 ``tokenizer.model`` (sentencepiece) or ``tokenizer/`` (Hugging Face)
 
+Documents: every input's documents (see :mod:`.sources`; ``globs`` select files of folder inputs),
+exact duplicates dropped (first occurrence kept, :mod:`.dedup`) unless ``keep_duplicates``.
 Train/valid split: a ``seed``-ed permutation of the document indices picks
-``round(valid_fraction · documents)`` (at least one) validation documents; both splits keep the
-original document order.
+``round(valid_fraction · documents)`` (at least one) validation documents — whole documents, so no
+document is split between the two; both splits keep the original document order.  ``meta.json``'s
+``summary`` gives files read/skipped, documents, duplicates dropped, UTF-8 bytes and tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dedup import drop_exact_duplicates
 from .sources import DataError, load_documents
 from .tokenizer import Tokenizer, load_tokenizer, open_tokenizer, save_tokenizer, train_sentencepiece
 
@@ -116,7 +120,7 @@ def prepare_data(inputs: Sequence[str], out: str | Path, *, vocab_size: int | No
                  tokenizer: str | None = None, text_field: str = "text", text_unit: str = "paragraph",
                  valid_fraction: float = 0.01, num_proc: int | None = None, seed: int = 1234,
                  max_documents: int | None = None, overwrite: bool = False,
-                 log=print) -> dict:
+                 globs: Sequence[str] = (), keep_duplicates: bool = False, log=print) -> dict:
     """Build the packed dataset in ``out``; return its ``meta.json`` content."""
     if (vocab_size is None) == (tokenizer is None):
         raise DataError("give exactly one of --vocab-size N (train a tokenizer) or --tokenizer MODEL")
@@ -131,8 +135,21 @@ def prepare_data(inputs: Sequence[str], out: str | Path, *, vocab_size: int | No
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
 
-    docs = load_documents(inputs, text_field=text_field, text_unit=text_unit, max_documents=max_documents)
-    log(f"prepare-data: {len(docs)} documents from {len(inputs)} input(s)")
+    skipped: list[str] = []
+
+    def on_skip(path: Path, reason: str) -> None:
+        skipped.append(str(path))
+        log(f"prepare-data: warning: skipped {path}: {reason}")
+
+    docs = load_documents(inputs, text_field=text_field, text_unit=text_unit, max_documents=max_documents,
+                          globs=globs, on_skip=on_skip)
+    n_read = len(docs)
+    duplicates = 0
+    if not keep_duplicates:
+        docs, duplicates = drop_exact_duplicates(docs)
+    log(f"prepare-data: {len(docs)} documents from {len(inputs)} input(s)"
+        + (f" ({duplicates} exact duplicates dropped)" if duplicates else "")
+        + (f"; {len(skipped)} files skipped" if skipped else ""))
     if tokenizer is None:
         stride = max(1, -(-len(docs) // TOKENIZER_TRAIN_DOCS))
         sample = docs.select(range(0, len(docs), stride)) if stride > 1 else docs
@@ -154,14 +171,27 @@ def prepare_data(inputs: Sequence[str], out: str | Path, *, vocab_size: int | No
     splits = {"train": _write_split(ids.select(train_idx), out, "train", dtype, tok.vocab_size)}
     if len(valid_idx):
         splits["valid"] = _write_split(ids.select(valid_idx), out, "valid", dtype, tok.vocab_size)
+    summary = {
+        "documents_read": n_read, "duplicates_dropped": duplicates, "documents": len(docs),
+        "files_skipped": len(skipped), "bytes": _utf8_bytes(docs),
+        "tokens": sum(s["tokens"] for s in splits.values()),
+    }
     meta = {
         "format": FORMAT, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
         "dtype": dtype.name, "tokenizer": entry, "splits": splits,
-        "sources": [str(i) for i in inputs], "text_unit": text_unit, "seed": seed,
+        "sources": [str(i) for i in inputs], "globs": list(globs), "text_unit": text_unit, "seed": seed,
+        "summary": summary,
     }
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(out / "meta.json")
     for name, s in splits.items():
         log(f"prepare-data: {name}: {s['documents']} documents, {s['tokens']} tokens → {out / s['file']}")
+    log(f"prepare-data: summary: {summary['documents']} documents, {summary['bytes']} bytes of text, "
+        f"{summary['tokens']} tokens ({summary['bytes'] / max(1, summary['tokens']):.2f} bytes/token)")
     return meta
+
+
+def _utf8_bytes(docs) -> int:
+    """Total UTF-8 size of the ``text`` column, read batch by batch from the Arrow cache."""
+    return sum(len(t.encode("utf-8")) for batch in docs.iter(batch_size=4096) for t in batch["text"])

@@ -5,12 +5,19 @@ Each input becomes a :class:`datasets.Dataset` with a single string column ``tex
 are concatenated in the order given.  Plain-text files are split into documents by ``text_unit``:
 ``paragraph`` (blank-line separated, the default), ``line`` or ``document`` (one file = one document).
 Every failure raises :class:`DataError` naming the argument and the file.
+
+Corpora from directories: with ``globs`` (``--glob '**/*.py'``, any number, recursive), every matching
+file under a folder input is read — code and other text files as the ``text`` builder, ``.jsonl`` /
+``.parquet`` by their suffix — and a matched file that is empty, binary (NUL bytes) or not UTF-8 is
+skipped with a warning through ``on_skip`` instead of failing the run: a tree such as ``site-packages``
+always holds a few.  Files of one builder are loaded by one ``datasets.load_dataset`` call, which
+writes Arrow files to the cache and memory-maps them, so a corpus larger than memory works.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 from pathlib import Path
 
@@ -33,6 +40,59 @@ def _looks_like_hub_name(item: str) -> bool:
     missing local path."""
     return (not item.startswith((".", "/", "~")) and item.count("/") <= 1
             and Path(item).suffix.lower() not in BUILDER_BY_SUFFIX and " " not in item)
+
+
+def _skip_reason(path: Path) -> str | None:
+    """Why a glob-matched file cannot be a text document (``None``: it can)."""
+    data = path.read_bytes()
+    if not data.strip():
+        return "empty"
+    if b"\x00" in data:
+        return "binary (NUL bytes)"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 ({e.reason} at byte {e.start})"
+    return None
+
+
+def _globbed_files(path: Path, globs: Sequence[str]) -> list[Path]:
+    """Files under folder ``path`` matching any of ``globs`` (``**`` recurses), sorted, each once."""
+    files = sorted({p for g in globs for p in path.glob(g) if p.is_file()})
+    if not files:
+        raise DataError(f"--input {path}: no file under the folder matches --glob {' '.join(globs)}")
+    return files
+
+
+def _load_globbed(files: list[Path], text_field: str, text_unit: str, cache_dir: str | None,
+                  on_skip: Callable[[Path, str], None]) -> list:
+    """One dataset per builder over the readable ``files``; unreadable ones go to ``on_skip``."""
+    import datasets
+
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        reason = _skip_reason(f)
+        if reason is not None:
+            on_skip(f, reason)
+            continue
+        groups.setdefault(BUILDER_BY_SUFFIX.get(f.suffix.lower(), "text"), []).append(str(f))
+    parts = []
+    for builder, data_files in groups.items():
+        kwargs = {"sample_by": text_unit} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache_dir,
+                                       **kwargs)
+        except Exception as e:
+            cause = e.__cause__ or e
+            raise DataError(f"--input: {len(data_files)} {builder} files (first {data_files[0]}) cannot be "
+                            f"read: {type(cause).__name__}: {str(cause)[:300]}") from None
+        column = "text" if builder == "text" else text_field
+        if column not in ds.column_names:
+            raise DataError(f"--input: {builder} files (first {data_files[0]}) have no {column!r} column "
+                            f"(see --text-field); columns are {ds.column_names}")
+        ds = ds.select_columns([column])
+        parts.append(ds.rename_column(column, "text") if column != "text" else ds)
+    return parts
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -129,8 +189,12 @@ def _load_hub(name: str, text_field: str, split: str, max_documents: int | None,
 
 def load_documents(inputs: Sequence[str], *, text_field: str = "text", text_unit: str = "paragraph",
                    hub_split: str = "train", max_documents: int | None = None,
-                   cache_dir: str | None = None):
-    """All inputs as one ``datasets.Dataset`` with a ``text`` column, empty documents dropped."""
+                   cache_dir: str | None = None, globs: Sequence[str] = (),
+                   on_skip: Callable[[Path, str], None] | None = None):
+    """All inputs as one ``datasets.Dataset`` with a ``text`` column, empty documents dropped.
+
+    ``globs`` select the files of folder inputs (see the module docstring); ``on_skip(path, reason)``
+    hears of each matched file skipped as empty, binary or not UTF-8."""
     import datasets
 
     if not inputs:
@@ -140,12 +204,18 @@ def load_documents(inputs: Sequence[str], *, text_field: str = "text", text_unit
     parts = []
     for item in inputs:
         path = Path(item).expanduser()
-        if path.exists():
+        if path.is_dir() and globs:
+            parts += _load_globbed(_globbed_files(path, globs), text_field, text_unit, cache_dir,
+                                   on_skip or (lambda *_: None))
+        elif path.exists():
             parts += [_load_local(f, text_field, text_unit, cache_dir) for f in _files_of(path)]
         elif not _looks_like_hub_name(item):
             raise DataError(f"--input {item}: no such file or folder")
         else:
             parts.append(_load_hub(item, text_field, hub_split, max_documents, cache_dir))
+    if not parts:
+        raise DataError(f"--input {' '.join(inputs)}: every matched file was skipped (empty, binary or "
+                        "not UTF-8)")
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
     if max_documents:
