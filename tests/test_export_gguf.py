@@ -1,6 +1,9 @@
 """GGUF export: tensors read back with the ``gguf`` reader equal the source within the format's
-quantization error; a model rebuilt from the GGUF (RoPE permutation undone, experts unstacked)
-computes the source model's logits; models llama.cpp cannot reproduce are refused with the reason."""
+quantization error; transformers' own GGUF loader (``from_pretrained(dir, gguf_file=...)``, an
+independent reader that undoes the RoPE permutation itself) computes the source model's logits; the
+token list covers every embedding row (``[PAD{id}]`` padding, as llama.cpp's converter writes it);
+transformers' GGUF tokenizer encodes like SentencePiece except for one documented leading-space rule;
+models llama.cpp cannot reproduce are refused with the reason."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qsparse_dist.export import UnsupportedExportError, export_gguf, load_checkpoint
+from qsparse_dist.export import UnsupportedExportError, export_gguf, export_hf, load_checkpoint
 from qsparse_dist.export.gguf_writer import llama_permute, llama_unpermute
 from tests.export_fixtures import make_checkpoint, make_config, reference_model, train_tokenizer
 
@@ -16,6 +19,27 @@ from tests.export_fixtures import make_checkpoint, make_config, reference_model,
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+TOK_PIECES = 509  # issue 14 (4d): a 509-piece tokenizer trained with TP=2 gives 510 embedding rows
+TP2_ROWS = -(-TOK_PIECES // 2) * 2  # train/loop.py rounds model.vocab_size up to a multiple of TP
+
+
+@pytest.fixture(scope="module")
+def tokenizer509(tmp_path_factory):
+    from qsparse_dist.data.tokenizer import train_sentencepiece
+    from tests.corpus import corpus_text
+
+    out = tmp_path_factory.mktemp("tok509")
+    train_sentencepiece(corpus_text(120_000).split("\n\n"), TOK_PIECES, out)
+    return out / "tokenizer.model"
+
+
+def hf_from_gguf(path):
+    """The model as transformers' GGUF loader builds it (needs ``accelerate``, in the export extra)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def read_gguf(path):
@@ -38,7 +62,9 @@ def read_gguf(path):
 
 
 def gguf_to_reference(tensors, cfg, arch):
-    """Inverse of the writer's mapping (test-side), for the logits check."""
+    """Inverse of the writer's mapping (test-side) for the per-tensor error bounds, and for the logits
+    of the MoE file, which transformers' GGUF loader cannot build (it reads llama-arch expert tensors
+    as a dense Llama)."""
     m = cfg.model
     nh, ng = m.num_attention_heads, m.query_groups
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, (v, _) in tensors.items()}
@@ -75,6 +101,19 @@ def _logits(cfg, sd, tokens):
         return model.eval()(tokens)
 
 
+def _assert_within_format_error(got: dict, want: dict, qtype: str) -> None:
+    """Every tensor of ``want`` is in ``got`` within the GGUF type's rounding; F32 and 1-D exact."""
+    assert set(got) == set(want)
+    for k, v in want.items():
+        err = (got[k].float() - v.float()).abs().max().item()
+        if qtype == "f32" or v.dim() == 1:  # F32 files and all 1-D tensors (kept F32) are exact
+            assert err == 0.0, k
+        elif qtype == "f16":
+            assert err <= v.abs().max().item() * 2**-11, k
+        else:  # Q8_0: per 32-block scale d = absmax/127: error <= d/2 + 127·d·2^-11 (fp16 d) < 0.6·d
+            assert err <= v.abs().max().item() / 127 * 0.6, k
+
+
 def test_rope_permutation_is_llama_cpp_interleave():
     # head_dim 4: rotate-half pairs (0,2),(1,3) become interleaved pairs (0,1),(2,3)
     w = torch.arange(8.0).reshape(8, 1)  # 2 heads
@@ -100,21 +139,25 @@ def test_gguf_round_trip_dense(name, kind, kw, qtype, tol, tmp_path, tokenizer):
     assert fields[f"{arch}.block_count"] == cfg.model.num_layers
     assert fields[f"{arch}.attention.head_count_kv"] == cfg.model.query_groups
     assert fields["tokenizer.ggml.eos_token_id"] == 2
-    sd = gguf_to_reference(tensors, cfg, arch)
-    src = ckpt.state_dict
-    assert set(sd) == set(src)
-    for k, v in src.items():
-        err = (sd[k] - v.float()).abs().max().item()
-        if tol == 0.0 or v.dim() == 1:  # F32 files and all 1-D tensors are exact
-            assert err == 0.0, k
-        elif qtype == "f16":
-            assert err <= v.abs().max().item() * 2**-11, k
-        else:  # Q8_0: per 32-block scale d = absmax/127: error <= d/2 + 127·d·2^-11 (fp16 d) < 0.6·d
-            assert err <= v.abs().max().item() / 127 * 0.6, k
-            assert tensors["blk.0.attn_q.weight"][1] == "Q8_0"
+    assert (tensors["blk.0.attn_q.weight"][1], tensors["token_embd.weight"][1]) == (qtype.upper(),) * 2
     tokens = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
     want = reference_model(ckpt)(tokens).detach()
-    got = _logits(cfg, sd, tokens)
+    if cfg.model.moe is None:
+        # transformers reads the file (its own un-permutation, dequantization and naming); every tensor
+        # must equal the one transformers reads from our HF export (parity-tested in test_export_hf.py)
+        hf = hf_from_gguf(path)
+        assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(export_hf(ckpt, tmp_path / "hf", dtype="float32").out_dir,
+                                                   dtype=torch.float32)
+        _assert_within_format_error(hf.state_dict(), ref.state_dict(), qtype)
+        with torch.no_grad():
+            got = hf(tokens).logits
+    else:  # transformers cannot build a llama-arch MoE file: the test-side inverse of the mapping
+        sd = gguf_to_reference(tensors, cfg, arch)
+        _assert_within_format_error(sd, ckpt.state_dict, qtype)
+        got = _logits(cfg, sd, tokens)
     bound = 1e-5 if tol == 0.0 else 5e-2
     assert (got - want).abs().max().item() <= bound
 
@@ -154,3 +197,80 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(kind, kw, qtype, match, tmp_path
     with pytest.raises(UnsupportedExportError, match=match):
         export_gguf(ckpt, tmp_path / "out", qtype=qtype)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("kind,kw,qtype", [
+    ("dense", {"act": "swiglu"}, "f32"),
+    ("bitnet", {"act": "swiglu", "hidden": 256, "ffn": 256}, "tq2_0"),
+])
+def test_gguf_token_list_covers_every_embedding_row(kind, kw, qtype, tmp_path, tokenizer509):
+    """llama.cpp sizes ``token_embd`` from the token count and rejects a shorter list (issue 14, 4d)."""
+    import gguf
+    import sentencepiece as spm
+    from gguf import GGUFReader
+
+    cfg = make_config(kind, vocab=TP2_ROWS, **kw)
+    ckpt = load_checkpoint(make_checkpoint(tmp_path / "ckpt", cfg, tokenizer509, scale=5.0))
+    path = export_gguf(ckpt, tmp_path / "out", qtype=qtype)
+    r = GGUFReader(str(path))
+    embd = next(t for t in r.tensors if t.name == "token_embd.weight")
+    rows = int(embd.shape[1])  # GGUF ne order: [hidden, rows]
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    scores = r.fields["tokenizer.ggml.scores"].contents()
+    assert rows == TP2_ROWS == len(tokens) == len(types) == len(scores) == 510
+    assert r.fields["llama.vocab_size"].contents() == rows
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer509))
+    assert sp.get_piece_size() == TOK_PIECES
+    assert tokens[:TOK_PIECES] == [sp.id_to_piece(i) for i in range(TOK_PIECES)]
+    assert tokens[TOK_PIECES:] == ["[PAD509]"]
+    assert types[TOK_PIECES:] == [int(gguf.TokenType.UNUSED)] and scores[TOK_PIECES] == -10000.0
+    if qtype == "f32":  # and a llama.cpp-convention reader builds the model from it
+        hf = hf_from_gguf(path)
+        assert hf.config.vocab_size == rows
+        ids = torch.randint(0, rows, (2, 9), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert (hf(ids).logits - reference_model(ckpt)(ids)).abs().max().item() <= 1e-5
+
+
+def test_gguf_tokenizer_in_transformers(tmp_path, tokenizer509):
+    """transformers' GGUF tokenizer equals SentencePiece except at the very start of a text that begins
+    with a space or with a user-defined piece ("\\n" in prepare-data's tokenizers): SentencePiece always
+    prepends the dummy "▁" (" x" → "▁▁x", "\\nx" → "▁" "\\n" "x"); transformers' ``Metaspace(prepend_scheme=
+    "first")`` prepends it only when the text does not already start with "▁", and splits user-defined
+    pieces off as added tokens before that (" x" → "▁x", "\\nx" → "\\n" "x").  The file's metadata is
+    SentencePiece's own (``add_space_prefix`` = ``add_dummy_prefix``, piece types as trained), so this
+    pins transformers' behaviour, documented in docs/export.md (issue 14, 4f)."""
+    import random
+
+    import sentencepiece as spm
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from tests.corpus import corpus_text
+
+    cfg = make_config("dense", act="swiglu", vocab=TP2_ROWS)
+    path = export_gguf(load_checkpoint(make_checkpoint(tmp_path / "ckpt", cfg, tokenizer509)), tmp_path / "out",
+                       qtype="f32")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer509))
+    fields = GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert fields["tokenizer.ggml.token_type"].contents()[sp.piece_to_id("\n")] == 4  # USER_DEFINED, as trained
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert tok.tokenize(" x") == ["▁", "x"] and sp.encode(" x", out_type=str) == ["▁▁", "x"]
+    assert tok.tokenize("\nx") == ["\n", "x"] and sp.encode("\nx", out_type=str) == ["▁", "\n", "x"]
+    text = corpus_text(200_000)
+    rng = random.Random(0)
+    samples = ["Hello world", "x", " x", "  x", " leading", "a\n\nb  c", "tabs\tand ü", "\n", "\n x", "end  ", "x\n y"]
+    samples += [text[i:i + rng.randrange(2, 200)] for i in (rng.randrange(len(text) - 200) for _ in range(150))]
+    differ = 0
+    for s in samples:
+        got, want = tok.encode(s, add_special_tokens=False), sp.encode(s)
+        if s.startswith((" ", "\n")):  # one "▁" fewer, at the start, and nothing else differs
+            differ += 1
+            joined = "".join(sp.encode(s, out_type=str))
+            assert joined[0] == "▁" and "".join(tok.convert_ids_to_tokens(got)) == joined[1:], repr(s)
+            assert got == (sp.encode(s[1:]) if s[0] == " " else want[1:]), repr(s)
+        else:
+            assert got == want, repr(s)
+    assert differ >= 5 and len(samples) - differ >= 100

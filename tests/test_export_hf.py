@@ -18,7 +18,8 @@ from qsparse_dist.export import (
     export_hf,
     load_checkpoint,
 )
-from tests.export_fixtures import SHARED_TEXT, make_checkpoint, make_config, reference_model, train_tokenizer
+from tests.corpus import corpus_text
+from tests.export_fixtures import make_checkpoint, make_config, reference_model, train_tokenizer
 
 TOL = 1e-4  # fp32 max abs logit difference allowed by the issue
 
@@ -104,7 +105,7 @@ def test_tokenizer_encodes_like_sentencepiece(tmp_path, tokenizer):
     out = export_hf(ckpt, tmp_path / "hf").out_dir
     tok = AutoTokenizer.from_pretrained(out)  # plain Llama export: no remote code needed
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    text = SHARED_TEXT.read_text(encoding="utf-8")
+    text = corpus_text()
     rng = random.Random(0)
     samples = ["Hello world", " leading", "a\n\nb  c", "x  y   z 1234", "tabs\tand 😀 ü", "", "\n", "end  "]
     samples += [text[i:i + rng.randrange(1, 200)] for i in (rng.randrange(len(text) - 200) for _ in range(150))]

@@ -34,7 +34,7 @@ from .consolidate import Consolidated
 from .errors import ExportError, UnsupportedExportError
 from .layout import ModelKind, model_kind
 
-__all__ = ["export_gguf", "gguf_plan", "GGUFPlan", "llama_permute", "llama_unpermute", "QTYPES"]
+__all__ = ["export_gguf", "gguf_plan", "GGUFPlan", "llama_permute", "llama_unpermute", "padded_vocab", "QTYPES"]
 
 QTYPES = ("auto", "f32", "f16", "bf16", "q8_0", "tq2_0", "tq1_0")
 _FLOAT_Q = ("f32", "f16", "bf16")
@@ -159,16 +159,28 @@ def _encode(name: str, a: np.ndarray, qtype: str):
     return quants.quantize(a.astype(np.float32), enum), enum
 
 
-def _add_vocab(w, tokenizer_file: Path, special: dict[str, int]) -> None:
-    from .tokenizer import sentencepiece_vocab
+def padded_vocab(pieces: list[str], scores: list[float], types: list[int], rows: int):
+    """The token list sized to the embedding's ``rows``: training rounds ``model.vocab_size`` up to a
+    multiple of TP (509 pieces, TP=2 → 510 rows) and llama.cpp sizes ``token_embd`` from the token count,
+    so the extra rows get tokens ``[PAD{id}]`` of type UNUSED with score -10000, as llama.cpp's
+    ``convert_hf_to_gguf.py`` writes them."""
+    if len(pieces) > rows:
+        raise ExportError(f"the tokenizer has {len(pieces)} pieces but the model only {rows} embedding rows")
+    extra = range(len(pieces), rows)
+    unused = 5  # gguf.TokenType.UNUSED (= SentencePiece's UNUSED)
+    return ([*pieces, *(f"[PAD{i}]" for i in extra)], [*scores, *(-10000.0 for _ in extra)],
+            [*types, *(unused for _ in extra)])
 
-    v = sentencepiece_vocab(tokenizer_file)
+
+def _add_vocab(w, v, special: dict[str, int], rows: int) -> None:
+    """``tokenizer.ggml.*`` from the SentencePiece vocabulary ``v`` (:class:`~.tokenizer.SpVocab`)."""
     norm = v.proto.normalizer_spec
+    pieces, scores, types = padded_vocab(v.pieces, v.scores, v.types, rows)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
-    w.add_token_list(v.pieces)
-    w.add_token_scores(v.scores)
-    w.add_token_types(v.types)  # SentencePiece's piece types are GGUF's TokenType values (1..6)
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)  # SentencePiece's piece types are GGUF's TokenType values (1..6)
     for name, i in (("bos", v.bos_id), ("eos", special.get("eos", v.eos_id)), ("unk", v.unk_id), ("pad", v.pad_id)):
         if i is not None and i >= 0:
             getattr(w, f"add_{name}_token_id")(int(i))
@@ -200,6 +212,11 @@ def export_gguf(
     if path.exists() and not overwrite:
         raise ExportError(f"{path} exists (choose another --out)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .tokenizer import sentencepiece_vocab
+
+    vocab = sentencepiece_vocab(ckpt.tokenizer_file)
+    rows = int(ckpt.state_dict["embed.weight"].shape[0])
+    padded_vocab(vocab.pieces, vocab.scores, vocab.types, rows)  # fail before writing
     tensors = _gguf_tensors(ckpt, plan)
     encoded = {name: _encode(name, a, q) for name, (a, q) in tensors.items()}  # fail before writing
 
@@ -224,7 +241,7 @@ def export_gguf(
              "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0}[plan.qtype]
     w.add_file_type(int(ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_vocab(w, Path(ckpt.tokenizer_file), ckpt.special_tokens)
+    _add_vocab(w, vocab, ckpt.special_tokens, rows)
     for name, (data, raw) in encoded.items():
         w.add_tensor(name, data, raw_dtype=raw)
     w.write_header_to_file()

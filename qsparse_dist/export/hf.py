@@ -117,6 +117,20 @@ def rewrite_outer_relative_imports(text: str) -> str:
     return _OUTER_IMPORT.sub(repl, text)
 
 
+def add_legacy_config_keys(config_json: Path) -> None:
+    """Also write the pre-5 names of two renamed ``config.json`` keys, so the oldest supported
+    transformers (constraints/oldest-transformers.txt) builds the same model: ``rope_theta`` (transformers
+    5 keeps it in ``rope_parameters``; 4.x ignores that and uses its default, 1e6 for Mixtral) and
+    ``torch_dtype`` (5: ``dtype``).  transformers 5 prefers the new keys when both are present."""
+    cfg = json.loads(config_json.read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        cfg.setdefault("rope_theta", theta)
+    if cfg.get("dtype") is not None:
+        cfg.setdefault("torch_dtype", cfg["dtype"])
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _save_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: int | str) -> list[str]:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -199,6 +213,7 @@ def export_hf(
     hf_cfg.architectures = [_ARCH_CLASS[arch]]
     hf_cfg.dtype = torch_dtype
     hf_cfg.save_pretrained(out)
+    add_legacy_config_keys(out / "config.json")
     files.append("config.json")
 
     from transformers import GenerationConfig

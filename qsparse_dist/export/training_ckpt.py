@@ -27,12 +27,21 @@ __all__ = ["find_checkpoint", "consolidate", "load_megatron_shards"]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_STEP_DIR = re.compile(r"^step_\d+$")  # train/checkpoint.py names checkpoints step_00000042
 
 
 def find_checkpoint(path: Path) -> Path | None:
     """A checkpoint directory from a run dir, a ``checkpoints/`` root or a checkpoint itself."""
     if (path / "manifest.json").is_file() and (path / "meta.json").is_file():
         return path
+    if looks_like_one_checkpoint(path):
+        if not (path / "manifest.json").is_file():
+            raise CheckpointError(
+                f"{path}/manifest.json is missing: the checkpoint is incomplete or damaged (training writes the "
+                "manifest last, and it holds the sha256 of every file, so nothing here can be verified); "
+                "export a complete checkpoint or the run directory"
+            )
+        raise CheckpointError(f"{path}/meta.json is missing: the checkpoint's config and layout are unknown")
     from ..train.checkpoint import CheckpointError as TrainCkptError
     from ..train.checkpoint import resolve_checkpoint
 
@@ -50,6 +59,14 @@ def find_checkpoint(path: Path) -> Path | None:
                 )
             return found
     return None
+
+
+def looks_like_one_checkpoint(path: Path) -> bool:
+    """A ``step_N`` directory or one holding a training checkpoint's ``meta.json`` / ``model/`` (as
+    opposed to a run directory or a ``checkpoints/`` root, which hold ``step_*`` folders)."""
+    if (path / "checkpoints").is_dir() or any(path.glob("step_*")):
+        return False
+    return bool(_STEP_DIR.match(path.name)) or (path / "meta.json").is_file() or (path / "model").is_dir()
 
 
 def _local_key(key: str, per_stage: int, pp_rank: int, local_experts: int, ep_rank: int) -> str:

@@ -11,6 +11,12 @@ Parameter names are the reference layout under ``model.`` (``model.layers.0.attn
 projection stores ``weight_packed`` (uint8, 2 bits per weight, see ``packing.py``) and ``weight_scale``
 (fp32) instead of the latent ``weight``; the de-quantized ``scale · W_q`` equals what training's
 fake-quant produces, so the result is the same.
+
+KV cache: current transformers (5.24) passes the cache to ``forward`` as ``cache=`` and reads it back
+from the output's ``cache`` field; older releases (4.46 …) use ``past_key_values`` for both.
+``forward`` accepts either name and returns the cache under the field the installed
+``CausalLMOutputWithPast`` declares, so ``generate`` (whose generic ``prepare_inputs_for_generation``
+slices the prompt to the uncached tokens) works on both.
 """
 
 import torch
@@ -20,10 +26,18 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# dispatch/quant/sparsify are imported by linear.py only; they are named here too because transformers
+# 4.46 copies into its module cache just the relative imports of *this* file, not theirs.
 from .activations import glu_activation
 from .configuration_qsparse import QSparseConfig
+from .dispatch import triton_kernels_for  # noqa: F401
 from .linear import LinearRecipe, qsparse_linear
 from .packing import unpack_ternary
+from .quant import fake_quant_weight_ternary  # noqa: F401
+from .sparsify import topk_sparsify  # noqa: F401
+
+# The output field that carries the cache: ``cache`` in current transformers, ``past_key_values`` before.
+CACHE_OUTPUT_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _recipe(config, projection):
@@ -103,15 +117,15 @@ class QSparseAttention(nn.Module):
         self.qkv = QSparseLinear(h, (self.nh + 2 * self.ng) * self.hd, _recipe(config, "qkv"), packed, config.qkv_bias)
         self.out = QSparseLinear(self.nh * self.hd, h, _recipe(config, "out"), packed)
 
-    def forward(self, x, cos, sin, mask, past_key_values):
+    def forward(self, x, cos, sin, mask, cache):
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split([self.nh * self.hd, self.ng * self.hd, self.ng * self.hd], dim=-1)
         q = q.view(b, t, self.nh, self.hd).transpose(1, 2)
         k = k.view(b, t, self.ng, self.hd).transpose(1, 2)
         v = v.view(b, t, self.ng, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         if self.ng != self.nh:
             rep = self.nh // self.ng
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -166,8 +180,8 @@ class QSparseBlock(nn.Module):
         self.ffn_norm = QSparseRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = QSparseMoE(config) if config.num_experts else QSparseGLU(config, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, past_key_values):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, past_key_values)
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -176,6 +190,8 @@ class QSparsePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["QSparseBlock"]
     supports_gradient_checkpointing = False
+    _supports_cache_class = True  # transformers 4.46: generate() builds a DynamicCache and passes cache_position
+    _supports_static_cache = False
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -205,19 +221,21 @@ class QSparseModel(QSparsePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
+        """Final hidden states and the cache (``cache`` extended by these tokens; a new ``DynamicCache``
+        when ``use_cache`` and none was given; ``None`` otherwise)."""
         x = self.embed(input_ids)
         b, t = input_ids.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).unsqueeze(0).expand(b, t)
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         mask = _attention_mask(attention_mask, b, t, past, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, past_key_values)
-        return self.final_norm(x), past_key_values
+            x = layer(x, cos, sin, mask, cache)
+        return self.final_norm(x), cache
 
 
 def _attention_mask(attention_mask, b, t, past, device):
@@ -253,6 +271,7 @@ class QSparseForCausalLM(QSparsePreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
+        cache=None,
         past_key_values=None,
         labels=None,
         use_cache=None,
@@ -260,10 +279,16 @@ class QSparseForCausalLM(QSparsePreTrainedModel, GenerationMixin):
         return_dict=None,
         **kwargs,
     ):
+        """``cache`` (current transformers) and ``past_key_values`` (older) are two names for the same KV
+        cache; give at most one.  Extra generation kwargs (``cache_position``, …) are ignored: positions
+        come from ``position_ids`` or the cache length."""
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+        cache = past_key_values if cache is None else cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise ValueError("past_key_values must be a transformers Cache (e.g. DynamicCache)")
-        h, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        if cache is not None and not isinstance(cache, Cache):
+            raise ValueError("the KV cache must be a transformers Cache (e.g. DynamicCache), not a tuple")
+        h, cache = self.model(input_ids, attention_mask, position_ids, cache, use_cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         w = self.model.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -273,4 +298,4 @@ class QSparseForCausalLM(QSparsePreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_OUTPUT_FIELD: cache if use_cache else None})
