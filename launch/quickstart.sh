@@ -29,7 +29,7 @@ if [ ! -f "$OUT/data/meta.json" ]; then
 fi
 
 echo "== 3/3 train: $NPROC processes, deepspeed launcher (resumes if $OUT/run has a checkpoint)"
-deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module qsparse_dist.train \
+deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --log_level warning --module qsparse_dist.train \
   --config configs/quickstart_cpu.yaml data.path="$OUT/data" train.run_dir="$OUT/run" "$@"
 
 python - "$OUT/run/metrics.jsonl" <<'PY'

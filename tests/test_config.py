@@ -124,10 +124,21 @@ def test_override_and_file_errors(tmp_path):
         load_config(top)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert load_config(empty) == RunConfig()
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):  # was: silently all defaults (issue 14, 4g)
+        load_config(empty)
 
 
 def test_assignment_is_validated():
     cfg = RunConfig()
     with pytest.raises(ValueError, match="linear"):
         cfg.sparsity.linear = "foo"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# nothing here yet\n# model: {num_layers: 2}\n"])
+def test_empty_or_comment_only_config_file_is_an_error_naming_it(tmp_path, text):
+    f = tmp_path / "run.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=rf"config file {f} is empty"):
+        load_config(f)
+    assert load_config(None) == RunConfig()  # no file at all still means the defaults
+

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,14 +20,12 @@ from qsparse_dist.train.checkpoint import CheckpointError, safe_torch_load, veri
 from qsparse_dist.train.ds_config import NO_CLIP, batch_plan, build_ds_config
 from qsparse_dist.train.loop import preflight
 from qsparse_dist.train.schedules import lr_at, stage_boundary, weight_decay_factor_at
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from tests.corpus import write_corpus
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    src = tmp_path_factory.mktemp("c") / "c.txt"
-    src.write_text(CORPUS.read_text()[:60_000])
+    src = write_corpus(tmp_path_factory.mktemp("c") / "c.txt", 60_000)
     out = tmp_path_factory.mktemp("d") / "data"
     prepare_data([str(src)], out, vocab_size=320, valid_fraction=0.05, log=lambda *a: None)
     return str(out)
@@ -89,6 +86,20 @@ def test_deepspeed_json_and_batch_plan(data_dir):
     ({"model.seq_length": 100000}, 1, "model.seq_length"),
     ({"data.path": "/nonexistent/x"}, 1, "data.path=/nonexistent/x"),
     ({"checkpoint.init_from": "/nonexistent/imp"}, 1, "checkpoint.init_from"),
+    # the deepspeed: section is validated here too, before any model is built (issue 14, 4g)
+    ({"deepspeed": "{train_batch_size: 3}"}, 1, "deepspeed.train_batch_size=3"),
+    ({"deepspeed": "{zero_optimization: {stage: 2}}"}, 1, "deepspeed.zero_optimization.stage=2"),
+    ({"deepspeed": "{fp16: {enabled: true}}"}, 1, "deepspeed.fp16.enabled"),
+    ({"deepspeed": "{bf16: {enabled: true}}"}, 1, "deepspeed.bf16.enabled=True disagrees with train.dtype=fp32"),
+    ({"deepspeed": "{bf16: {enabled: false}}", "train.dtype": "bf16", "parallel.zero_stage": 1}, 1,
+     "deepspeed.bf16.enabled=False"),
+    ({"deepspeed": "{gradient_clipping: 2.0}"}, 1, "deepspeed.gradient_clipping"),
+    ({"deepspeed": "{scheduler: {type: WarmupLR}}"}, 1, "deepspeed.scheduler"),
+    ({"deepspeed": "{zero_optimization: 1}"}, 1, "deepspeed.zero_optimization must be a mapping"),
+    ({"deepspeed": "{zero_optimization: {stage: 0, reduce_bucket_siz: 5}}"}, 1,
+     "deepspeed.zero_optimization.reduce_bucket_siz"),  # DeepSpeed's own parser, run in preflight
+    ({"deepspeed": "{zero_optimization: {offload_optimizer: {device: gpu}}}"}, 1,
+     "deepspeed.zero_optimization.offload_optimizer.device"),
 ])
 def test_refusals_name_the_field(data_dir, over, world, field):
     with pytest.raises(ConfigError) as e:
@@ -111,6 +122,10 @@ def test_dry_run_cli(data_dir, tmp_path, capsys):
     assert '"train_batch_size": 4' in out
     assert cli_main(["train", "--config", str(f), "--dry-run", "parallel.zero_stage=7"]) == 2
     assert "parallel.zero_stage" in capsys.readouterr().err
+    # a conflict in the deepspeed: section: refused, and no "ok:" line before the error (issue 14, 4g)
+    assert cli_main(["train", "--config", str(f), "--dry-run", "deepspeed={train_batch_size: 5}"]) == 2
+    out, err = capsys.readouterr()
+    assert "ok:" not in out and out.strip() == "" and "deepspeed.train_batch_size=5" in err
 
 
 _SECTIONS = {
@@ -162,6 +177,24 @@ def test_config_fuzz_never_tracebacks(data_dir, tmp_path, doc, world, capsys):
     assert rc in (0, 2)
     if rc == 2:
         assert err.startswith("qsparse-dist train: ") and len(err) > 30
+
+
+def test_schedule_changes_name_the_fields_that_bend_the_remaining_curve(data_dir):
+    from qsparse_dist.train.resume import schedule_changes
+
+    old = _cfg(data_dir).model_dump(mode="json")  # cosine over 100 steps
+    assert schedule_changes(old, _cfg(data_dir), 40) == []
+    assert schedule_changes(old, _cfg(data_dir, **{"train.steps": 200}), 40) == ["train.steps (checkpoint 100, now 200)"]
+    got = schedule_changes(old, _cfg(data_dir, **{"optimizer.min_lr": 1e-6, "schedule.warmup_steps": 5}), 40)
+    assert got == ["schedule.warmup_steps (checkpoint 0, now 5)", "optimizer.min_lr (checkpoint 3e-05, now 1e-06)"]
+    # a constant schedule run for longer, or a warmup change in the past, leave the remaining curve alone
+    const = _cfg(data_dir, **{"schedule.kind": "constant"}).model_dump(mode="json")
+    assert schedule_changes(const, _cfg(data_dir, **{"schedule.kind": "constant", "train.steps": 300}), 40) == []
+    two = _cfg(data_dir, **{"schedule.kind": "bitnet_two_stage"})
+    assert schedule_changes(two.model_dump(mode="json"), _cfg(data_dir, **{"schedule.kind": "bitnet_two_stage",
+                                                                          "train.steps": 300}), 40)
+    assert schedule_changes(const, _cfg(data_dir, **{"schedule.kind": "constant", "schedule.warmup_steps": 10}),
+                            40) == []
 
 
 def test_verify_detects_corruption_and_missing_files(tmp_path):

@@ -84,7 +84,8 @@ def config_from_dict(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read ``path`` (YAML) or start from defaults when ``None``; apply overrides; validate."""
+    """Read ``path`` (YAML; an empty or comment-only file is an error naming it) or start from defaults
+    when ``None``; apply overrides; validate."""
     data: Any = {}
     if path is not None:
         p = Path(path)
@@ -94,6 +95,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if data is None:  # an empty or comment-only file is a mistake, not "all defaults"
+            raise ConfigError(f"config file {p} is empty (no settings, only blanks or comments); put the run's "
+                              "settings in it (see configs/*.yaml), or omit --config to use the defaults")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: the top level must be a mapping of sections, "
+                              f"got {type(data).__name__}")
     return config_from_dict(data, overrides)
 
 

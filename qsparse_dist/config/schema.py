@@ -199,6 +199,12 @@ class TrainConfig(_Section):
     eval_interval: int = Field(default=0, ge=0, description="0 = no validation")
     eval_iters: int = Field(default=4, ge=1)
     run_dir: str = "runs/default"
+    allow_schedule_change: bool = Field(
+        default=False,
+        description="resume even though train.steps / schedule.* / optimizer.lr / optimizer.min_lr differ from "
+        "the checkpoint's and change the learning-rate (or weight-decay) curve of the remaining steps; "
+        "without it such a resume is refused naming the fields",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -218,6 +224,11 @@ class CheckpointConfig(_Section):
 
 
 class LoggingConfig(_Section):
+    level: Literal["warning", "info", "debug"] = Field(
+        default="warning",
+        description="console output: 'warning' = one line per event from rank 0, library notices hidden; "
+        "'info' (or `--verbose`) = every rank's library warnings and DeepSpeed's INFO lines; 'debug' = DEBUG too",
+    )
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: float | None = Field(

@@ -1,9 +1,11 @@
-"""Model-parallel state: megatron-core ``parallel_state`` groups, the RNG tracker, the CPU shims.
+"""Model-parallel state: megatron-core ``parallel_state`` groups and the RNG tracker.
 
 ``initialize_parallel(pcfg, seed)`` assumes ``torch.distributed`` is initialized (torchrun /
 DeepSpeed launcher) and builds megatron's groups for ``tp × pp`` (data parallel = the rest) with
 ``ep`` expert-parallel ranks and expert tensor-parallel size 1 (every expert whole on its EP rank).
-Invalid layouts fail here, before any group is created, with an error naming the setting.
+Invalid layouts fail here, before any group is created, with an error naming the setting.  What
+megatron needs patched on this machine (CPU shims, Transformer-Engine names) comes from
+:func:`qsparse_dist.compat.prepare_megatron`.
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ def parallel_initialized() -> bool:
 
 
 def initialize_parallel(pcfg: ParallelConfig, seed: int) -> None:
-    """Create megatron-core's process groups, seed its RNG tracker (CUDA or CPU) and, without CUDA,
-    install the CPU shims.  Idempotent only through :func:`destroy_parallel` in between."""
+    """Apply :func:`~qsparse_dist.compat.prepare_megatron`, create megatron-core's process groups and
+    seed its RNG tracker (CUDA or CPU).  Idempotent only through :func:`destroy_parallel` in between."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed must be initialized before initialize_parallel()")
     validate_world(pcfg, dist.get_world_size())
-    from .cpu_shims import enable_cpu_shims, model_parallel_cpu_manual_seed
+    from ..compat import prepare_megatron
+    from ..compat.megatron import model_parallel_cpu_manual_seed
 
-    on_cpu = enable_cpu_shims()
+    on_cpu = prepare_megatron()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -69,8 +72,8 @@ def initialize_parallel(pcfg: ParallelConfig, seed: int) -> None:
 def destroy_parallel() -> None:
     """Tear down megatron's groups (torch.distributed itself stays up) so another layout can follow."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import random as mrandom
+
+    from ..compat.megatron import reset_rng_tracker
 
     ps.destroy_model_parallel()
-    mrandom._CUDA_RNG_STATE_TRACKER = None
-    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    reset_rng_tracker()

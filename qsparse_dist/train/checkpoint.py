@@ -483,9 +483,13 @@ def verify_checkpoint(path: Path) -> dict:
 
 def check_compatible(meta: dict, rt) -> None:
     """Resuming needs the same model and parallel layout (DeepSpeed shards are layout-specific)."""
-    cfg = rt.cfg
+    check_compatible_config(meta, rt.cfg, rt.world, rt.plan.global_batch)
+
+
+def check_compatible_config(meta: dict, cfg, world: int, global_batch: int) -> None:
+    """:func:`check_compatible` from the config alone (before any model exists)."""
     p = meta.get("parallel", {})
-    want = {"world_size": rt.world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
+    want = {"world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
             "zero_stage": cfg.parallel.zero_stage}
     diff = {k: (p.get(k), v) for k, v in want.items() if p.get(k) != v}
     if diff:
@@ -496,9 +500,9 @@ def check_compatible(meta: dict, rt) -> None:
     if old_model is not None and old_model != cfg.model.model_dump(mode="json"):
         keys = sorted(k for k in old_model if old_model[k] != cfg.model.model_dump(mode="json").get(k))
         raise CheckpointError(f"cannot resume: model.* differs from the checkpoint ({', '.join('model.' + k for k in keys)})")
-    if meta.get("batch", {}).get("global") not in (None, rt.plan.global_batch):
+    if meta.get("batch", {}).get("global") not in (None, global_batch):
         raise CheckpointError(
-            f"cannot resume: data.global_batch_size {rt.plan.global_batch} differs from the checkpoint's "
+            f"cannot resume: data.global_batch_size {global_batch} differs from the checkpoint's "
             f"{meta['batch']['global']} (the data position would not line up)")
 
 

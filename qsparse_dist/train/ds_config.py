@@ -83,16 +83,87 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan) -> dict:
     }
     if cfg.train.dtype == "bf16":
         gen["data_types"] = {"grad_accum_dtype": "fp32"}
-    ds = deep_merge(gen, cfg.deepspeed or {})
+    user = cfg.deepspeed or {}
+    _check_user_section(user, gen, cfg)
+    ds = deep_merge(gen, user)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if ds[key] != gen[key]:
             raise ConfigError(
                 f"deepspeed.{key}={ds[key]} disagrees with the batch derived from data.* and parallel.* "
                 f"({gen[key]}); set data.micro_batch_size / data.global_batch_size instead"
             )
-    if ds.get("zero_optimization", {}).get("stage", z) != z:
+    if ds["zero_optimization"].get("stage", z) != z:
         raise ConfigError(f"deepspeed.zero_optimization.stage={ds['zero_optimization']['stage']} disagrees "
                           f"with parallel.zero_stage={z}; set parallel.zero_stage")
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError("deepspeed.fp16.enabled: fp16 is not supported; use train.dtype=bf16")
+    if bool(ds["bf16"].get("enabled")) != (cfg.train.dtype == "bf16"):
+        raise ConfigError(f"deepspeed.bf16.enabled={ds['bf16'].get('enabled')} disagrees with "
+                          f"train.dtype={cfg.train.dtype}; set train.dtype")
+    if ds["gradient_clipping"] != gen["gradient_clipping"]:
+        raise ConfigError(f"deepspeed.gradient_clipping={ds['gradient_clipping']} disagrees with "
+                          f"optimizer.grad_clip={o.grad_clip}; set optimizer.grad_clip (0 = no clipping)")
+    if "scheduler" in ds:
+        raise ConfigError("deepspeed.scheduler: the learning rate follows schedule.* (set every step, stateless "
+                          "on resume); remove deepspeed.scheduler and use schedule.kind / schedule.warmup_steps")
+    validate_with_deepspeed(ds)
     return ds
+
+
+# DeepSpeed sections that are mappings (a scalar there fails deep inside DeepSpeed's parser).
+_MAPPING_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "data_types",
+                     "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb",
+                     "csv_monitor", "aio", "compression_training", "checkpoint", "elasticity")
+
+
+def _check_user_section(user: dict, gen: dict, cfg: RunConfig) -> None:
+    for key, value in user.items():
+        if (isinstance(gen.get(key), dict) or key in _MAPPING_SECTIONS) and not isinstance(value, dict):
+            raise ConfigError(f"deepspeed.{key} must be a mapping, got {type(value).__name__} {value!r}")
+    for key in ("optimizer",):
+        if isinstance(user.get(key), dict) and not isinstance(user[key].get("params", {}), dict):
+            raise ConfigError(f"deepspeed.{key}.params must be a mapping")
+
+
+# DeepSpeed's pydantic model → its key in the JSON (to name the dotted field of a validation error)
+_DS_MODEL_KEYS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+                  "DeepSpeedFP16Config": "fp16", "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing",
+                  "DeepSpeedFlopsProfilerConfig": "flops_profiler", "DeepSpeedCommsConfig": "comms_logger",
+                  "DeepSpeedMonitorConfig": "monitor", "DeepSpeedZeroOffloadOptimizerConfig":
+                  "zero_optimization.offload_optimizer", "DeepSpeedZeroOffloadParamConfig":
+                  "zero_optimization.offload_param"}
+
+
+def validate_with_deepspeed(ds: dict) -> None:
+    """Parse ``ds`` with DeepSpeed's own config class (``DeepSpeedConfig``: pydantic models of every
+    section plus its sanity checks) before any process group or model exists; raise
+    :class:`ConfigError` naming the field.  The batch triple is checked against data.*/parallel.* by
+    :func:`build_ds_config`; here it is replaced by a world-of-one triple, because DeepSpeed compares
+    it with the world size it finds (one, before ``init_distributed``)."""
+    import logging
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    probe = copy.deepcopy(ds)
+    probe["train_batch_size"] = probe["train_micro_batch_size_per_gpu"] * probe["gradient_accumulation_steps"]
+
+    class _OneRank:  # DeepSpeed asks the mpu for the data-parallel size when one is given
+        @staticmethod
+        def get_data_parallel_world_size() -> int:
+            return 1
+
+    log = logging.getLogger("DeepSpeed")
+    level = log.level
+    log.setLevel(logging.WARNING)  # its INFO "Config mesh_device … world_size" line is not ours to print
+    try:
+        DeepSpeedConfig(probe, mpu=_OneRank())
+    except ValidationError as e:
+        key = _DS_MODEL_KEYS.get(e.title, e.title)
+        lines = [f"deepspeed.{key}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid deepspeed section:\n  " + "\n  ".join(lines)) from None
+    except (AssertionError, ValueError, TypeError, KeyError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"deepspeed: DeepSpeed rejects this section: {msg}") from None
+    finally:
+        log.setLevel(level)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
 from .ds_config import BatchPlan, build_ds_config
-from .moe import check_moe_zero, deepspeed_sees_megatron_moe, prepare_experts
+from .moe import check_moe_zero, prepare_experts
 from .schedules import lr_at, weight_decay_factor_at
 
 __all__ = ["check_dtype", "check_pipeline", "preflight_parallel", "init_distributed", "Runtime", "build_runtime",
@@ -66,6 +66,9 @@ def check_dtype(cfg: RunConfig) -> None:
 
 def preflight_parallel(cfg: RunConfig) -> None:
     """Every parallel-layout refusal, before any process group exists."""
+    from ..compat import check_supported
+
+    check_supported()  # megatron-core / DeepSpeed at the releases qsparse_dist.compat was written for
     check_pipeline(cfg)
     check_dtype(cfg)
     check_moe_zero(cfg)
@@ -75,14 +78,6 @@ def preflight_parallel(cfg: RunConfig) -> None:
         validate_megatron_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def _skip_shm_op_build() -> None:
-    """DeepSpeed's CPU accelerator JIT-compiles ``deepspeed_shm_comm_op`` (~50–80 s of g++, 1.6 GB) on
-    the first ``init_distributed``; the gloo path works without it, so skip the build on CPU."""
-    import importlib
-
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
@@ -102,7 +97,9 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     if not torch.cuda.is_available():
-        _skip_shm_op_build()
+        from ..compat.deepspeed import skip_shm_op_build
+
+        skip_shm_op_build()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
@@ -185,16 +182,6 @@ def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
 
 def expert_parameters_of(params) -> list:
     return [p for p in params if getattr(p, "qsd_expert", False)]
-
-
-def _install_exact_fp32_clip(engine) -> None:
-    """ZeRO-0 fp32: DeepSpeed calls ``engine.clip_fp32_gradients()`` before the optimizer step; use
-    :func:`grad_norm_and_clip` there and keep the norm for ``get_global_grad_norm()``."""
-
-    def clip() -> None:
-        engine._global_grad_norm = float(grad_norm_and_clip(engine.module.parameters(), engine.gradient_clipping()))
-
-    engine.clip_fp32_gradients = clip
 
 
 def _recording_mean(store: list):
@@ -389,7 +376,9 @@ def build_runtime(cfg: RunConfig, plan: BatchPlan, init_weights=None) -> Runtime
         _register_sequence_parallel_grad_hooks(model)
     groups = param_groups(model, cfg.optimizer.weight_decay)
     if ds_moe:
-        with deepspeed_sees_megatron_moe(model):
+        from ..compat.deepspeed import engine_counts_megatron_moe
+
+        with engine_counts_megatron_moe(model):
             engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                               mpu=MegatronMPU())
         if not engine.has_moe_layers:
@@ -398,7 +387,9 @@ def build_runtime(cfg: RunConfig, plan: BatchPlan, init_weights=None) -> Runtime
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                           mpu=MegatronMPU())
     if cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32":
-        _install_exact_fp32_clip(engine)
+        from ..compat.deepspeed import replace_fp32_clip
+
+        replace_fp32_clip(engine, grad_norm_and_clip)  # exact megatron norm, reported by the engine
     return Runtime(
         cfg=cfg, plan=plan, engine=engine, ds_config=ds_config, ds_moe=ds_moe, rank=rank, world=world,
         tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),

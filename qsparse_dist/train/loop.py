@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..compat import CompatError
 from ..config import ConfigError, RunConfig
 from ..data import DataError, SampleDataset, StepSampler, TokenFile, eval_batches, read_meta
 from .checkpoint import (
@@ -26,13 +27,12 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     remove_stale_temporaries,
-    resolve_checkpoint,
     save_checkpoint,
-    verify_checkpoint,
 )
-from .ds_config import BatchPlan, batch_plan
+from .ds_config import BatchPlan, batch_plan, build_ds_config
 from .engine import Runtime, build_runtime, init_distributed, preflight_parallel
 from .metrics import FLOPS_FORMULA, MetricsWriter, flops_per_token, peak_flops_per_device, summarize_sparsity
+from .resume import agree_on_resume
 
 __all__ = ["Prepared", "preflight", "train", "world_size_from_env"]
 
@@ -48,6 +48,7 @@ class Prepared:
     data_meta: dict
     train_tokens: TokenFile
     valid_tokens: TokenFile | None
+    ds_config: dict
 
 
 def _fill_vocab(cfg: RunConfig, data_meta: dict) -> None:
@@ -80,6 +81,7 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> Prepared:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         preflight_parallel(cfg)
+        ds_config = build_ds_config(cfg, plan)  # the deepspeed: section, checked by DeepSpeed's parser too
         train_tokens = (SFTDataset(cfg.data.path, "train", with_attention_mask=False) if sft
                         else TokenFile(cfg.data.path, "train"))
         S = cfg.model.seq_length
@@ -108,7 +110,7 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> Prepared:
         from ..convert.imported import load_imported
 
         load_imported(cfg.checkpoint.init_from, cfg.model)  # raises ConfigError naming the field
-    return Prepared(cfg, plan, data_meta, train_tokens, valid_tokens)
+    return Prepared(cfg, plan, data_meta, train_tokens, valid_tokens, ds_config)
 
 
 def _as_dataset(split, seq_length: int) -> torch.utils.data.Dataset:
@@ -179,41 +181,33 @@ def train(cfg: RunConfig, *, teardown: bool = True) -> dict:
 
     prep = preflight(cfg)
     cfg, plan = prep.cfg, prep.plan
-    rank, _ = init_distributed(cfg.parallel.dist_timeout_s)
+    rank, world = init_distributed(cfg.parallel.dist_timeout_s)
     root = checkpoint_root(cfg)
-    if rank == 0:
-        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(root)
-    box: list = [(None, None)]
-    if rank == 0 and cfg.checkpoint.resume:
-        try:
-            found = resolve_checkpoint(root, cfg.checkpoint.load)
-            box = [(str(found) if found else None, None)]
-        except CheckpointError as e:
-            box = [(None, str(e))]
-    dist.broadcast_object_list(box, src=0)
-    if box[0][1]:
-        raise CheckpointError(box[0][1])
-    resume_from = Path(box[0][0]) if box[0][0] else None
-    if resume_from is not None:
-        verify_checkpoint(resume_from)  # before building anything: a corrupt checkpoint fails fast
-    init_fn = None
-    if resume_from is None and cfg.checkpoint.init_from:
-        def init_fn(model):
-            _init_from_import(model, cfg)
-    rt = build_runtime(cfg, plan, init_weights=init_fn)
+    rt = None
     peer_lost = False
-    try:
+    try:  # every error from here on leaves through the teardown below (and, in the CLI, exit 2)
+        if rank == 0:
+            Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(root)
+        # agreed by all ranks, verified, and checked against the config before any model is built
+        resume_from = agree_on_resume(cfg, root, world, plan.global_batch)
+        init_fn = None
+        if resume_from is None and cfg.checkpoint.init_from:
+            def init_fn(model):
+                _init_from_import(model, cfg)
+        rt = build_runtime(cfg, plan, init_weights=init_fn)
         return _run(rt, prep, resume_from, collect_sparsity_stats, set_track_sparsity, SparsityRamp)
     except RuntimeError as e:
-        if not isinstance(e, CheckpointError):  # a collective failed: a peer process or host is gone
+        if rt is not None and not isinstance(e, (CheckpointError, CompatError)):
+            # a collective failed: a peer process or host is gone
             peer_lost = True
+            e.qsd_peer_lost = True
             _report_peer_loss(e, rank, root)
         raise
     finally:
         # after a failed collective, shutdown's barrier would block another dist_timeout_s and bury
         # the first error under a second one: skip the teardown, the process is ending anyway
-        if teardown and not peer_lost:
+        if teardown and rt is not None and not peer_lost:
             shutdown(rt)
 
 
@@ -233,16 +227,12 @@ def _report_peer_loss(e: BaseException, rank: int, root: Path) -> None:
 def shutdown(rt: Runtime) -> None:
     """Release DeepSpeed's and megatron's global state (torch.distributed stays up) so another
     ``train()`` may follow in this process."""
-    from deepspeed.utils import groups
-
+    from ..compat.deepspeed import clear_expert_groups
     from ..parallel import destroy_parallel
 
     dist.barrier()
     rt.engine.destroy()
-    for d in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
-              groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
-        d.clear()
-    groups.mpu = None
+    clear_expert_groups()
     destroy_parallel()
 
 
@@ -282,7 +272,9 @@ def _run(rt: Runtime, prep: Prepared, resume_from: Path | None, collect_sparsity
     writer.text(f"model FLOPs/token {f_token:.3e} ({FLOPS_FORMULA}); peak/device {peak / 1e12:.3f} TFLOP/s "
                 f"({peak_src})")
     ramp = SparsityRamp(rt.module, cfg.sparsity.ramp_steps)
-    set_track_sparsity(rt.module, True)
+
+    def log_step(step: int) -> bool:  # sparsity statistics cost a pass over every linear input
+        return step % cfg.train.log_interval == 0 or step == cfg.train.steps or step == start + 1
 
     tokens_per_step = plan.global_batch * S
     last = None
@@ -290,11 +282,12 @@ def _run(rt: Runtime, prep: Prepared, resume_from: Path | None, collect_sparsity
     for t in range(start, cfg.train.steps):
         ramp_frac = ramp.apply(t)
         micro = [next(batches) for _ in range(plan.accum)]
+        set_track_sparsity(rt.module, log_step(t + 1))
         t0 = time.perf_counter()
         res = rt.train_step(t, micro)
         dt = time.perf_counter() - t0
         step = t + 1
-        layers = _gather_over_pipeline(collect_sparsity_stats(rt.module), rt)
+        layers = _gather_over_pipeline(collect_sparsity_stats(rt.module), rt) if log_step(step) else None
         rec = {
             "step": step, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
             "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
@@ -302,9 +295,9 @@ def _run(rt: Runtime, prep: Prepared, resume_from: Path | None, collect_sparsity
             "model_tflops": f_token * tokens_per_step / dt / 1e12,
             "mfu": (f_token * tokens_per_step / dt) / (peak * rt.world) if peak else None,
             "weight_decay": cfg.optimizer.weight_decay * res.weight_decay_factor,
-            "sparsity": summarize_sparsity(layers),
-            "sparsity_layers": layers,
         }
+        if layers is not None:
+            rec["sparsity"], rec["sparsity_layers"] = summarize_sparsity(layers), layers
         if ramp.active:
             rec["sparsity_ramp"] = ramp_frac
         if cfg.model.moe is not None:
@@ -312,7 +305,6 @@ def _run(rt: Runtime, prep: Prepared, resume_from: Path | None, collect_sparsity
         if valid is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
             set_track_sparsity(rt.module, False)
             vl = rt.evaluate(valid)
-            set_track_sparsity(rt.module, True)
             rec["val_loss"], rec["val_ppl"] = vl, math.exp(min(vl, 50.0))
         if not math.isfinite(res.loss):
             writer.log(rec)

@@ -22,23 +22,20 @@ So :func:`prepare_experts`:
   stage treats them as dense;
 * otherwise registers megatron's expert-parallel / expert-data-parallel groups with DeepSpeed under
   the name ``ep_size_{ep}`` (DeepSpeed parses the size from it), sets ``group_name`` on every expert
-  parameter, and :func:`deepspeed_sees_megatron_moe` lets ``deepspeed.initialize`` recognise
-  megatron's ``MoELayer`` as an MoE layer (a scoped swap of the class DeepSpeed's engine tests
-  against), so DeepSpeed builds its MoE optimizer groups.  ZeRO-0/1/2 only: ZeRO-3 partitions every
+  parameter, and :func:`qsparse_dist.compat.deepspeed.engine_counts_megatron_moe` lets
+  ``deepspeed.initialize`` recognise megatron's ``MoELayer`` as an MoE layer (a scoped swap of the
+  class DeepSpeed's engine tests against), so DeepSpeed builds its MoE optimizer groups.  ZeRO-0/1/2 only: ZeRO-3 partitions every
   parameter over the data-parallel group, and DeepSpeed 0.19 supports experts at stage 3 only
   through its own AutoEP layers (refused in :func:`check_moe_zero`).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
 
-__all__ = ["check_moe_zero", "expert_parameters", "prepare_experts", "deepspeed_sees_megatron_moe",
-           "expert_group_name"]
+__all__ = ["check_moe_zero", "expert_parameters", "prepare_experts", "expert_group_name"]
 
 
 def expert_group_name(ep: int) -> str:
@@ -82,32 +79,12 @@ def prepare_experts(model, cfg: RunConfig) -> bool:
         for p in experts:
             p.allreduce = True  # a replicated parameter like any other (see module docstring)
         return False
-    from deepspeed.utils import groups
+    from ..compat.deepspeed import register_expert_groups
 
     name = expert_group_name(cfg.parallel.ep)
     ep_group, edp_group = ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group()
-    groups._EXPERT_PARALLEL_GROUP[name] = ep_group
-    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = _ranks(ep_group)
-    groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp_group
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = _ranks(edp_group)
+    register_expert_groups(name, ep_group, _ranks(ep_group), edp_group, _ranks(edp_group))
     for p in experts:
         p.group_name = name
     return True
 
-
-@contextlib.contextmanager
-def deepspeed_sees_megatron_moe(model):
-    """During ``deepspeed.initialize``: DeepSpeed's engine counts megatron ``MoELayer`` modules as MoE
-    layers (it tests ``isinstance(module, deepspeed.moe.layer.MoE)`` and reads ``num_experts``)."""
-    import deepspeed.runtime.engine as ds_engine
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    for mod in model.modules():
-        if isinstance(mod, MoELayer):
-            mod.num_experts = mod.config.num_moe_experts
-    original = ds_engine.MoE
-    ds_engine.MoE = (original, MoELayer)
-    try:
-        yield
-    finally:
-        ds_engine.MoE = original
