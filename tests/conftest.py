@@ -1,9 +1,17 @@
+"""Session-wide test settings, applied before any test module (and so before triton) is imported.
+
+``TRITON_INTERPRET=1`` makes Triton kernels run in its numpy interpreter on the CPU.  Triton reads it
+when a kernel is decorated (at import), so it is set here, once, rather than by a test module — the
+result no longer depends on collection order.  ``tests/run.sh`` exports the same value; to run the
+kernel tests natively on a GPU, set ``TRITON_INTERPRET=0`` yourself.
+"""
+
 import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,6 +1,6 @@
 """Shared by tests/test_export*.py and tests/test_generate*.py: tiny reference checkpoints of every
 model kind, built in-process (no downloads), with a SentencePiece tokenizer trained by the project's
-own ``train_sentencepiece`` on a slice of the shared corpus."""
+own ``train_sentencepiece`` on a slice of the test corpus (``tests/corpus.py``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 from qsparse_dist.config import config_from_dict
-
-SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+from tests.corpus import corpus_text
 
 SPARSITY = {
     "dense": {"linear": "dense"},
@@ -24,7 +23,7 @@ SPARSITY = {
 def train_tokenizer(out: Path) -> Path:
     from qsparse_dist.data.tokenizer import train_sentencepiece
 
-    text = SHARED_TEXT.read_text(encoding="utf-8")[:120_000]
+    text = corpus_text(120_000)
     train_sentencepiece(text.split("\n\n"), 320, out)
     return out / "tokenizer.model"
 

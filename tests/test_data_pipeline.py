@@ -10,8 +10,7 @@ import pytest
 
 from qsparse_dist.cli import main as cli_main
 from qsparse_dist.data import DataError, StepSampler, TokenFile, eval_batches, load_tokenizer, prepare_data
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from tests.corpus import write_corpus
 
 
 def _quiet(*_a, **_k):
@@ -20,9 +19,7 @@ def _quiet(*_a, **_k):
 
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("corpus") / "small.txt"
-    p.write_text(CORPUS.read_text()[:120_000])
-    return p
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "small.txt", 120_000)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +40,9 @@ def test_prepared_layout_eos_and_roundtrip(prepared, small_text):
     ends = tf.tokens[offsets[1:] - 1]
     assert np.all(ends == tok.eos_id)
     assert int((np.asarray(tf.tokens) == tok.eos_id).sum()) == len(offsets) - 1
-    # train + valid documents are exactly the paragraphs of the input, each round-tripping
-    paragraphs = [p for p in small_text.read_text().split("\n\n") if p.strip()]
+    # train + valid documents are exactly the distinct paragraphs of the input (exact duplicates
+    # dropped, first kept), each round-tripping
+    paragraphs = list(dict.fromkeys(p for p in small_text.read_text().split("\n\n") if p.strip()))
     n_docs = meta["splits"]["train"]["documents"] + meta["splits"]["valid"]["documents"]
     assert n_docs == len(paragraphs)
     first = tok.decode(tf.tokens[offsets[0]:offsets[1] - 1].tolist())
@@ -59,7 +57,7 @@ def test_prepare_is_deterministic_and_formats_agree(tmp_path, small_text, prepar
     a, b = json.loads((prepared / "meta.json").read_text()), json.loads((again / "meta.json").read_text())
     assert a["splits"] == b["splits"] and a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"]
     # jsonl and parquet inputs with the same documents give the same tokens (existing tokenizer)
-    docs = [p for p in small_text.read_text().split("\n\n") if p.strip()][:200]
+    docs = list(dict.fromkeys(p for p in small_text.read_text().split("\n\n") if p.strip()))[:200]
     jl = tmp_path / "docs.jsonl"
     jl.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     import pyarrow as pa

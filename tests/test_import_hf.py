@@ -21,8 +21,8 @@ from qsparse_dist.convert import HFImportError, check_model_matches, import_hf, 
 from qsparse_dist.model.reference import QSparseGPT  # noqa: E402
 from qsparse_dist.ops import kept_count  # noqa: E402
 from qsparse_dist.train.sparsity_ramp import SparsityRamp, ramp_fraction  # noqa: E402
+from tests.corpus import write_corpus  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 DENSE = SparsityConfig(linear="dense", qkv=0, out=0, up=0, down=0)
 
 
@@ -34,7 +34,7 @@ def hf_models(tmp_path_factory):
     for i, arch in enumerate(ARCHS):
         d = root / arch
         out[arch] = (build_hf_model(arch, d, seed=i), d)
-    build_tiny_tokenizer(root / "llama", CORPUS)
+    build_tiny_tokenizer(root / "llama", write_corpus(root / "corpus.txt"))
     return out
 
 

@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from import_hf_tiny import build_hf_model, build_tiny_tokenizer  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from tests.corpus import corpus_text, write_corpus  # noqa: E402
+
 SEQ, MICRO, STEPS, RAMP, SFT_SEQ = 32, 4, 3, 2, 64
 TARGET = {"qkv": 0.5, "out": 0.5, "up": 0.5, "down": 0.625}
 
@@ -25,7 +26,7 @@ def _prepare_sft_data(tokenizer_dir: Path, out: Path) -> Path:
     """Prompt/response pairs from consecutive corpus lines, packed into rows of SFT_SEQ."""
     from qsparse_dist.data.sft import prepare_sft
 
-    lines = [x.strip() for x in CORPUS.read_text(encoding="utf-8").splitlines()[:400] if x.strip()][:80]
+    lines = [x.strip() for x in corpus_text().splitlines()[:400] if x.strip()][:80]
     jsonl = out.parent / "sft.jsonl"
     jsonl.write_text("\n".join(json.dumps({"prompt": a, "response": b}) for a, b in zip(lines[::2], lines[1::2])))
     meta = prepare_sft([jsonl], str(tokenizer_dir), out, seq_length=SFT_SEQ)
@@ -41,11 +42,11 @@ def test_import_continue_train_export_reload(tmp_path):
     from tests.dist_utils import torchrun
 
     hf = build_hf_model("llama", tmp_path / "hf", seed=3)
-    build_tiny_tokenizer(tmp_path / "hf", CORPUS)
+    build_tiny_tokenizer(tmp_path / "hf", write_corpus(tmp_path / "tok_corpus.txt"))
     imp = tmp_path / "imp"
     import_hf(tmp_path / "hf", imp, overrides=[
         "sparsity.linear=qsparse", *(f"sparsity.{k}={v}" for k, v in TARGET.items()), f"sparsity.ramp_steps={RAMP}"])
-    (tmp_path / "corpus.txt").write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    write_corpus(tmp_path / "corpus.txt", 20_000)
     prepare_data([str(tmp_path / "corpus.txt")], tmp_path / "data", tokenizer=str(imp / "tokenizer"),
                  valid_fraction=0.0, log=lambda *a: None)
     sft_dir = _prepare_sft_data(imp / "tokenizer", tmp_path / "sft")

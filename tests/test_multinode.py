@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.corpus import write_corpus
 from tests.multinode.jobs import Job, latest_checkpoint_step, launch, launch_one_host, read_metrics
 from tests.multinode.netns_cluster import NetnsCluster, unavailable_reason
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 DIST_TIMEOUT_S = 20  # parallel.dist_timeout_s of the killed-host run (> startup skew under load)
 
 TINY = {
@@ -54,8 +54,7 @@ def data_dir(tmp_path_factory):
     from qsparse_dist.data import prepare_data
 
     base = tmp_path_factory.mktemp("mn-data")
-    src = base / "corpus.txt"
-    src.write_text(CORPUS.read_text()[:100_000])
+    src = write_corpus(base / "corpus.txt", 100_000)
     prepare_data([str(src)], base / "data", vocab_size=320, valid_fraction=0.05, log=lambda *a: None)
     return base / "data"
 

@@ -26,8 +26,8 @@ from qsparse_dist.data.sft import (  # noqa: E402
     read_sft_jsonl,
     tokenize_record,
 )
+from tests.corpus import write_corpus  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 CHAT = {"messages": [
     {"role": "system", "content": "Speak as a player."},
     {"role": "user", "content": "Who goes there?"},
@@ -39,7 +39,8 @@ CHAT = {"messages": [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), CORPUS)
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), corpus)
 
 
 def _trained_text(tok, ex: SFTExample) -> list[str]:

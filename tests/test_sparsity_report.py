@@ -16,9 +16,9 @@ from qsparse_dist.config import config_from_dict
 from qsparse_dist.data import TokenFile, prepare_data
 from qsparse_dist.export.consolidate import save_reference_checkpoint
 from qsparse_dist.model import QSparseGPT
+from tests.corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def _load_tool():
@@ -30,10 +30,9 @@ def _load_tool():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    if not CORPUS.is_file():
-        pytest.skip(f"corpus {CORPUS} not present")
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
     out = tmp_path_factory.mktemp("data")
-    prepare_data([str(CORPUS)], out, vocab_size=400, max_documents=200, valid_fraction=0.05, num_proc=1,
+    prepare_data([str(corpus)], out, vocab_size=400, max_documents=200, valid_fraction=0.05, num_proc=1,
                  log=lambda *a: None)
     return out
 

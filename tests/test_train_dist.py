@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from train_common import TINY, write_reference_init  # noqa: E402
 
 from qsparse_dist.data import prepare_data  # noqa: E402
+from tests.corpus import write_corpus  # noqa: E402
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOL, GNORM_RTOL = 2e-5, 1e-4
 # MoE with TP=2 + sequence parallelism at EP=1: losses match; the gradient norm counts the expert
@@ -42,8 +42,7 @@ LOOSE = {"moe_tp2_sp_z1": (LOSS_TOL, 5e-4)}
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
-    src = base / "corpus.txt"
-    src.write_text(CORPUS.read_text()[:200_000])
+    src = write_corpus(base / "corpus.txt", 200_000)
     data = base / "data"
     prepare_data([str(src)], data, vocab_size=320, valid_fraction=0.05, log=lambda *a: None)
     return {"base": base, "data": str(data),
