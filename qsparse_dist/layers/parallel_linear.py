@@ -17,18 +17,60 @@ effective weight change:
 
 With ``track_sparsity`` on, each layer accumulates the exact-zero count and size of its prepared
 input (tensors, no host sync); :func:`qsparse_dist.model.megatron_gpt.collect_sparsity_stats`
-reduces them over the layer's TP group.
+reduces them over the layer's TP group.  The training loop switches it on for logging steps only.
+
+BitNet kinds quantize the latent weight **once per optimizer step**, not once per forward: the
+de-quantized ternary weight ``s_w·W_q`` is cached per layer under the key (storage address,
+in-place version counter, number of optimizer steps taken in this process — counted by a global
+``torch.optim`` step hook, since ZeRO writes updated weights into flat buffers that bypass the
+version counter).  The forward value is exactly ``fake_quant_weight_ternary(W)``'s; the backward
+is the same straight-through identity.  :func:`invalidate_weight_caches` forces a recompute after
+writing weights any other way (e.g. through ``.data``).
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops import LinearRecipe
-from .global_topk import group_size, tp_effective_weight, tp_prepare_input
+from ..ops.quant import quantize_weight_ternary
+from .global_topk import group_size, tp_global_ternary_scale, tp_prepare_input
 
-__all__ = ["QSparseColumnParallelLinear", "QSparseRowParallelLinear", "QSparseLinearMixin"]
+__all__ = ["QSparseColumnParallelLinear", "QSparseRowParallelLinear", "QSparseLinearMixin",
+           "invalidate_weight_caches"]
+
+_WEIGHT_GENERATION = [0]
+
+
+def invalidate_weight_caches(*_: object) -> None:
+    """Make every layer re-quantize its weight on the next forward (also the optimizer step hook)."""
+    _WEIGHT_GENERATION[0] += 1
+
+
+register_optimizer_step_post_hook(invalidate_weight_caches)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the precomputed ``value`` (no copy); backward: the gradient to ``w`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+@torch.no_grad()
+def _ternary_dequant(w: torch.Tensor, group) -> torch.Tensor:
+    """``s_w·W_q`` in ``w``'s dtype with the scale of the full (TP-sharded) tensor — the forward
+    value of ``fake_quant_weight_ternary`` / ``tp_effective_weight``."""
+    scale = tp_global_ternary_scale(w, group) if group_size(group) > 1 else None
+    w_q, s = quantize_weight_ternary(w, scale=scale)
+    return (w_q.float() * s).to(w.dtype)
 
 
 class QSparseLinearMixin:
@@ -64,9 +106,21 @@ class QSparseLinearMixin:
         """``(zeros, numel)`` of this rank's prepared inputs since the last reset."""
         return self._zero_count, self._numel
 
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight the matmul uses: ``weight`` itself, or its ternary fake-quant (TP-global scale),
+        computed once per optimizer step (module docstring)."""
+        if not self.recipe.quantized:
+            return weight
+        key = (weight.data_ptr(), weight._version, _WEIGHT_GENERATION[0], weight.dtype, tuple(weight.shape))
+        cached = getattr(self, "_qsd_weight_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, _ternary_dequant(weight, self.tp_group))
+            self._qsd_weight_cache = cached
+        return _StraightThrough.apply(weight, cached[1])
+
     def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002  (megatron's name)
         """Megatron's matmul with the effective (ternary fake-quant, TP-global scale) weight."""
-        return super()._forward_impl(input, tp_effective_weight(weight, self.recipe, self.tp_group), *args, **kwargs)
+        return super()._forward_impl(input, self.effective_weight(weight), *args, **kwargs)
 
     def extra_repr(self) -> str:
         r = self.recipe

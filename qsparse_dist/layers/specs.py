@@ -19,6 +19,11 @@ those gradients must be all-reduced over the TP group
 ``torch.nn.functional.scaled_dot_product_attention`` (causal) like the reference, so a TP=1 model's
 logits are bit-identical to the reference's (megatron's baddbmm/softmax path differs by ~1e-7).
 
+On CUDA the norms, the GLU and RoPE run fused kernels (:mod:`qsparse_dist.layers.fused`: RMSNorm and
+RoPE from liger-kernel, the GLU from :mod:`qsparse_dist.layers.fused_glu`); RoPE then moves from
+megatron's attention into :class:`SDPACoreAttention` (:class:`QSparseSelfAttention` hands it the
+angles), which applies it while laying q/k out for SDPA.  CPU runs the eager code above.
+
 ``QSparseMLP`` applies ``qsparse_dist.ops.glu_activation`` (relu2glu | drelu | swiglu) to the fused
 fc1 output (rank-local ``[gate_r ‖ up_r]``) — dReLU gates *both* halves, which megatron's
 ``activation(gate)·up`` form cannot express — and, for MoE experts, multiplies the router
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -46,10 +52,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..config.schema import RunConfig
 from ..model.reference import RMSNorm
 from ..ops import glu_activation
+from . import fused
 from .parallel_linear import QSparseColumnParallelLinear, QSparseRowParallelLinear
 
 __all__ = [
     "SDPACoreAttention",
+    "QSparseSelfAttention",
     "QSparseRMSNorm",
     "QSparseMLP",
     "QSparseSequentialMLP",
@@ -68,6 +76,31 @@ class QSparseRMSNorm(RMSNorm):
         if config.sequence_parallel:
             self.weight.sequence_parallel = True
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.liger_enabled(x):
+            return fused.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class QSparseSelfAttention(SelfAttention):
+    """megatron ``SelfAttention`` that, where the fused kernels run, hands the RoPE angles to its
+    :class:`SDPACoreAttention` instead of rotating q/k itself (one fused pass, float32 math)."""
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        freqs = kwargs.get("rotary_pos_emb")
+        if (isinstance(self.core_attention, SDPACoreAttention) and isinstance(freqs, torch.Tensor)
+                and not args and kwargs.get("inference_context") is None
+                and kwargs.get("inference_params") is None and kwargs.get("packed_seq_params") is None
+                and not self.config.no_rope_freq and not (self.checkpoint_core_attention and self.training)
+                and fused.liger_enabled(hidden_states)):
+            kwargs["rotary_pos_emb"] = None
+            self.core_attention.qsd_rope_freqs = freqs
+            try:
+                return super().forward(hidden_states, attention_mask, **kwargs)
+            finally:
+                self.core_attention.qsd_rope_freqs = None
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
 
 class SDPACoreAttention(DotProductAttention):
     """Causal scaled-dot-product attention on megatron's ``[s, b, heads, hd]`` layout (GQA groups
@@ -80,6 +113,9 @@ class SDPACoreAttention(DotProductAttention):
             raise ValueError("SDPACoreAttention supports neither packed sequences nor attention bias")
         rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hd]
+        freqs = getattr(self, "qsd_rope_freqs", None)
+        if freqs is not None:  # set by QSparseSelfAttention on the fused path
+            q, k = fused.rope_bhsd(q, k, freqs)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.config.attention_dropout if self.training else 0.0
@@ -112,7 +148,8 @@ class QSparseMLP(MLP):
         h, bias = self.linear_fc1(hidden_states)
         if bias is not None:
             h = h + bias
-        out, out_bias = self.linear_fc2(self.glu(h))
+        act = fused.glu(h, self.activation) if fused.fused_enabled(h) else self.glu(h)
+        out, out_bias = self.linear_fc2(act)
         if per_token_scale is not None:
             if out_bias is not None:
                 out, out_bias = out + out_bias, None
@@ -158,6 +195,7 @@ def get_qsparse_layer_spec(cfg: RunConfig) -> ModuleSpec:
     layer = spec.submodules
     layer.input_layernorm = QSparseRMSNorm
     layer.pre_mlp_layernorm = QSparseRMSNorm
+    layer.self_attention.module = QSparseSelfAttention
     attn = layer.self_attention.submodules
     attn.linear_qkv = _linear(QSparseColumnParallelLinear, cfg, "qkv")
     attn.linear_proj = _linear(QSparseRowParallelLinear, cfg, "out")

@@ -186,6 +186,33 @@ def _config(rows: int, d: int) -> tuple[int, int, int]:
     return block_r, block_d, num_warps
 
 
+TUNE_MIN_ROWS = 4096
+"""From this many rows (training batches) the launch shape (rows per program, warps) is autotuned per
+row width on the GPU; fewer rows (decode) and the interpreter use :func:`_config`."""
+
+
+def _prune_tune_configs(configs, named_args, **kwargs):
+    block_d = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D")
+    kept = [c for c in configs if 128 <= c.kwargs["BLOCK_R"] * block_d <= 16384
+            and c.num_warps * 32 <= c.kwargs["BLOCK_R"] * block_d]
+    return kept or configs[:1]
+
+
+_topk_rows_kernel_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_R": r}, num_warps=w)
+             for r, w in ((1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (2, 16), (4, 4), (4, 8), (8, 8),
+                          (16, 4), (32, 4), (64, 4), (128, 4), (128, 8))],
+    key=["D", "BLOCK_D", "QUANT", "WRITE_MASK"],
+    prune_configs_by={"early_config_prune": _prune_tune_configs},
+)(_topk_rows_kernel)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def topk_rows(
     x2d: torch.Tensor,
     k: int | None,
@@ -231,16 +258,17 @@ def topk_rows(
     else:
         block_r, block_d, num_warps = _config(r, d)
         do_topk = k is not None and k < d
-        _topk_rows_kernel[(triton.cdiv(r, block_r),)](
-            x2d, y, mask.view(torch.uint8) if write_mask else mask, q, scale,
-            absmax if absmax is not None else x2d, idx, vals,
-            r, d, k if do_topk else d, rows_per_token, eps,
-            KEY_BITS=_KEY_BITS[x2d.dtype], DO_TOPK=do_topk, WRITE_Y=write_y, WRITE_MASK=write_mask,
-            QUANT=quant, HAS_ABSMAX=absmax is not None,
-            IS_BF16=x2d.dtype == torch.bfloat16, TWO_BITS=_two_bits(r, d), WRITE_IDX=write_idx,
-            BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
+        args = (x2d, y, mask.view(torch.uint8) if write_mask else mask, q, scale,
+                absmax if absmax is not None else x2d, idx, vals,
+                r, d, k if do_topk else d, rows_per_token, eps)
+        flags = dict(KEY_BITS=_KEY_BITS[x2d.dtype], DO_TOPK=do_topk, WRITE_Y=write_y, WRITE_MASK=write_mask,
+                     QUANT=quant, HAS_ABSMAX=absmax is not None,
+                     IS_BF16=x2d.dtype == torch.bfloat16, TWO_BITS=_two_bits(r, d), WRITE_IDX=write_idx,
+                     BLOCK_D=block_d)
+        if r >= TUNE_MIN_ROWS and not write_idx and not _interpreting():
+            _topk_rows_kernel_tuned[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]),)](*args, **flags)
+        else:
+            _topk_rows_kernel[(triton.cdiv(r, block_r),)](*args, **flags, BLOCK_R=block_r, num_warps=num_warps)
     if write_y or quant == 1:
         out["y"] = y
     if write_mask:
