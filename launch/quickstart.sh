@@ -49,3 +49,20 @@ qsparse-dist export --checkpoint "$OUT/run" --format hf --out "$OUT/export-hf"
 qsparse-dist generate --model "$OUT/export-hf" --prompt "The with statement" --max-new-tokens 48 \
   --temperature 0 --show-sparsity
 echo "exported model: $OUT/export-hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"
+
+echo "== serve: qsparse-dist serve (OpenAI-compatible) on a free 127.0.0.1 port, one completion, stop"
+PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+qsparse-dist serve --model "$OUT/export-hf" --host 127.0.0.1 --port "$PORT" --device cpu 2> "$OUT/serve.log" &
+SERVE_PID=$!
+trap 'kill "$SERVE_PID" 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
+  kill -0 "$SERVE_PID" 2>/dev/null || { cat "$OUT/serve.log" >&2; exit 1; }
+  sleep 0.5
+done
+curl -sf "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
+  -d '{"prompt": "The with statement", "max_tokens": 32, "temperature": 0}'
+echo
+kill -TERM "$SERVE_PID" && wait "$SERVE_PID"   # drains in-flight requests, exits 0
+trap - EXIT
+echo "served and stopped cleanly (log: $OUT/serve.log); docs/serving.md has the API"
