@@ -3,10 +3,12 @@ parallel-layout validation that must fail before any work with an error naming t
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from qsparse_dist.config import config_from_dict
+from qsparse_dist.config import ConfigError, config_from_dict
 from qsparse_dist.config.schema import ParallelConfig
 from qsparse_dist.model.reference import QSparseGPT
 from qsparse_dist.model.state_dict_adapter import (
@@ -82,15 +84,18 @@ def test_merge_accepts_one_rank_per_distinct_shard():
     assert all(torch.equal(merged[k], sd[k]) for k in sd)
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"model": {"num_attention_heads": 4, "hidden_size": 64}, "parallel": {"tp": 8}}, "parallel.tp"),
-    ({"model": {"num_layers": 3}, "parallel": {"pp": 2}}, "parallel.pp"),
-    ({"model": {"moe": {"num_experts": 6}}, "parallel": {"ep": 4}}, "parallel.ep"),
+@pytest.mark.parametrize("bad, message", [
+    ({"model": {"num_attention_heads": 4, "hidden_size": 64}, "parallel": {"tp": 8}},
+     "parallel.tp=8 does not divide num_attention_heads=4"),
+    ({"model": {"num_layers": 3}, "parallel": {"pp": 2}}, "parallel.pp=2 does not divide num_layers=3"),
+    ({"model": {"moe": {"num_experts": 6}}, "parallel": {"ep": 4}},
+     "parallel.ep=4 does not divide model.moe.num_experts=6"),
     ({"model": {"hidden_size": 64, "ffn_hidden_size": 96}, "parallel": {"tp": 2},
-      "sparsity": {"linear": "block_qsparse", "block_size": 64}}, "sparsity.block_size"),
+      "sparsity": {"linear": "block_qsparse", "block_size": 64}},
+     "sparsity.block_size=64 does not divide attention output (hidden_size / tp)=32"),
 ])
-def test_invalid_layouts_name_the_setting(bad, field):
-    with pytest.raises(Exception, match=field.replace(".", r"\.")):
+def test_invalid_layouts_name_the_setting(bad, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_dict(bad)
 
 

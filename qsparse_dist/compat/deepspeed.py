@@ -77,11 +77,11 @@ def engine_counts_megatron_moe(model):
 
 
 def replace_fp32_clip(engine, clip: Callable[[object, float], float]) -> None:
-    """ZeRO-0 fp32: ``engine.clip_fp32_gradients()`` runs ``clip(params, max_norm)`` and stores the
-    returned norm where ``engine.get_global_grad_norm()`` reads it."""
+    """ZeRO-0 fp32: ``engine.clip_fp32_gradients()`` runs ``clip(named_params, max_norm)`` (the module's
+    ``named_parameters()``) and stores the returned norm where ``engine.get_global_grad_norm()`` reads it."""
     require(PACKAGE, "DeepSpeedEngine.clip_fp32_gradients / _global_grad_norm")
 
     def clip_fp32_gradients() -> None:
-        engine._global_grad_norm = float(clip(engine.module.parameters(), engine.gradient_clipping()))
+        engine._global_grad_norm = float(clip(engine.module.named_parameters(), engine.gradient_clipping()))
 
     engine.clip_fp32_gradients = clip_fp32_gradients

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
 from .ds_config import BatchPlan, build_ds_config
-from .moe import check_moe_zero, prepare_experts
+from .moe import check_moe_zero, experts_replicated_over_tp, is_expert_parameter, prepare_experts
 from .schedules import lr_at, weight_decay_factor_at
 
 __all__ = ["check_dtype", "check_pipeline", "preflight_parallel", "init_distributed", "Runtime", "build_runtime",
@@ -137,51 +137,59 @@ def _register_sequence_parallel_grad_hooks(model) -> int:
         dist.all_reduce(grad, group=group)
         return grad
 
-    ep1 = ps.get_expert_model_parallel_world_size() == 1
+    experts_too = experts_replicated_over_tp()
     for name, p in model.named_parameters():
-        if p.requires_grad and (getattr(p, "sequence_parallel", False) or (ep1 and ".mlp.experts." in name)):
+        if p.requires_grad and (getattr(p, "sequence_parallel", False) or (experts_too and is_expert_parameter(name))):
             p.register_hook(hook)
             n += 1
     return n
 
 
-def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
+def grad_norm_and_clip(named_params, max_norm: float) -> torch.Tensor:
     """Global L2 gradient norm with megatron's counting, then clip in place (ZeRO-0 fp32 path).
+    ``named_params``: ``model.named_parameters()`` (the name decides :func:`~.moe.is_expert_parameter`).
 
     ``‖g‖² = Σ_{MP group} Σ_dense g²  +  Σ_{expert-TP×EP×PP group} Σ_expert g²``, where a dense
-    gradient counts on TP rank 0 unless the parameter is TP-sharded (``tensor_model_parallel``).
+    gradient counts on TP rank 0 unless the parameter is TP-sharded (``tensor_model_parallel``) and an
+    expert gradient counts on every rank of its group (expert TP = 1: experts are never TP-split).
     DeepSpeed's own ``clip_grad_norm_`` instead *averages* per-rank norms over the data-parallel group
     "due to MoE params", which is not the norm of the full gradient when expert-parallel ranks hold
     different experts, and it does not return the value to the engine.
     """
     from megatron.core import parallel_state as ps
 
-    params = [p for p in params if p.grad is not None]
-    experts = {id(p) for p in expert_parameters_of(params)}
-    dev = params[0].grad.device if params else torch.device("cpu")
+    named = [(n, p) for n, p in named_params if p.grad is not None]
+    dev = named[0][1].grad.device if named else torch.device("cpu")
     dense_sq = torch.zeros((), dtype=torch.float64, device=dev)
     expert_sq = torch.zeros((), dtype=torch.float64, device=dev)
     tp_rank = ps.get_tensor_model_parallel_rank()
-    for p in params:
+    has_experts = False
+    for name, p in named:
         sq = p.grad.detach().double().pow(2).sum()
-        if id(p) in experts:
+        if is_expert_parameter(name):
             expert_sq += sq
+            has_experts = True
         elif tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
             dense_sq += sq
     if dist.get_world_size(ps.get_model_parallel_group()) > 1:
         dist.all_reduce(dense_sq, group=ps.get_model_parallel_group())
-    if experts and dist.get_world_size(ps.get_expert_tensor_model_pipeline_parallel_group()) > 1:
+    if has_experts and dist.get_world_size(ps.get_expert_tensor_model_pipeline_parallel_group()) > 1:
         dist.all_reduce(expert_sq, group=ps.get_expert_tensor_model_pipeline_parallel_group())
     norm = (dense_sq + expert_sq).sqrt()
     coef = min(1.0, max_norm / (float(norm) + 1e-6))
     if coef < 1.0:
-        for p in params:
+        for _, p in named:
             p.grad.mul_(coef)
     return norm.float()
 
 
-def expert_parameters_of(params) -> list:
-    return [p for p in params if getattr(p, "qsd_expert", False)]
+def reset_aux_loss_scale() -> None:
+    """Forget megatron's process-global MoE aux-loss scale (``MoEAuxLossAutoScaler.main_loss_backward_scale``,
+    a tensor later scales are ``copy_``-ed into): each run starts as in a fresh process, whatever shape
+    or device an earlier run in this process (another layout, a test) left there."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 def _recording_mean(store: list):
@@ -312,11 +320,15 @@ class Runtime:
         return StepResult(loss=loss, grad_norm=None if gn is None else float(gn), lr=lr, weight_decay_factor=wdf)
 
     def _set_aux_loss_scale(self, scale: float) -> None:
+        """The multiplier megatron's ``MoEAuxLossAutoScaler`` puts on the aux-loss gradient: the main
+        loss's backward scale (DeepSpeed divides each micro-batch loss by ``accum``).  A ``[1]`` tensor,
+        the shape megatron's 1F1B schedule uses: the scaler keeps the first tensor it is given for the
+        whole process and ``copy_``s later scales into it (:func:`reset_aux_loss_scale`)."""
         if self.cfg.model.moe is None:
             return
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale))
+        MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), scale, device=self.engine.device))
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[torch.Tensor]) -> float:
@@ -363,6 +375,8 @@ def build_runtime(cfg: RunConfig, plan: BatchPlan, init_weights=None) -> Runtime
     rank, world = init_distributed(cfg.parallel.dist_timeout_s)
     initialize_parallel(cfg.parallel, cfg.train.seed)
     model = build_megatron_gpt(cfg)
+    if cfg.model.moe is not None:
+        reset_aux_loss_scale()
     if init_weights is not None:
         init_weights(model)
     if cfg.parallel.zero_stage == 3 and cfg.model.tie_embeddings and ps.is_pipeline_last_stage():

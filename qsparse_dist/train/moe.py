@@ -27,6 +27,17 @@ So :func:`prepare_experts`:
   class DeepSpeed's engine tests against), so DeepSpeed builds its MoE optimizer groups.  ZeRO-0/1/2 only: ZeRO-3 partitions every
   parameter over the data-parallel group, and DeepSpeed 0.19 supports experts at stage 3 only
   through its own AutoEP layers (refused in :func:`check_moe_zero`).
+
+Which parameters are experts is decided in one place, :func:`is_expert_parameter` (by name: megatron's
+``allreduce=False`` flag marks them only at EP > 1).  At EP = 1 with TP > 1 (expert TP is always 1) every
+TP rank holds every expert whole and runs it on its own sequence shard; the gradient is summed over the
+TP group (a gradient hook in :mod:`qsparse_dist.train.engine`; ``reduce_model_parallel_grads`` under
+PP), after which the TP peers hold identical copies — TP *duplicates*, like the router.  megatron's
+parallel linears mark every weight ``tensor_model_parallel`` whatever the group size, and every
+gradient norm in play (DeepSpeed's ZeRO-1/2 and bf16 norms; ZeRO-0 fp32:
+:func:`~qsparse_dist.train.engine.grad_norm_and_clip`) reads that flag as "a TP shard: count it on every
+TP rank", which counted the experts ``tp`` times (measured: the norm 1.2e-4 relative too large at
+TP=2, so clipping differed from the single-process run).  :func:`prepare_experts` clears the flag there.
 """
 
 from __future__ import annotations
@@ -35,7 +46,24 @@ import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
 
-__all__ = ["check_moe_zero", "expert_parameters", "prepare_experts", "expert_group_name"]
+__all__ = ["check_moe_zero", "is_expert_parameter", "expert_parameters", "experts_replicated_over_tp",
+           "prepare_experts", "expert_group_name"]
+
+EXPERT_PATH = ".mlp.experts."  # megatron MoELayer.experts, as named_parameters() spells it
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether the parameter called ``name`` (a ``model.named_parameters()`` name) is an MoE expert
+    weight — the one definition, valid at every EP size and pipeline stage."""
+    return EXPERT_PATH in name
+
+
+def experts_replicated_over_tp() -> bool:
+    """EP = 1 and TP > 1 (expert TP = 1): every TP rank holds all experts whole; their gradients must be
+    summed over the TP group and then count once in the gradient norm (module docstring)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_world_size() == 1 and ps.get_tensor_model_parallel_world_size() > 1
 
 
 def expert_group_name(ep: int) -> str:
@@ -58,8 +86,7 @@ def check_moe_zero(cfg: RunConfig) -> None:
 
 
 def expert_parameters(model) -> list:
-    return [p for p in model.parameters() if getattr(p, "allreduce", True) is False
-            or getattr(p, "qsd_expert", False)]
+    return [p for n, p in model.named_parameters() if is_expert_parameter(n)]
 
 
 def _ranks(group) -> list[int]:
@@ -67,11 +94,15 @@ def _ranks(group) -> list[int]:
 
 
 def prepare_experts(model, cfg: RunConfig) -> bool:
-    """Mark expert parameters for DeepSpeed; return whether DeepSpeed's MoE path is needed."""
+    """Mark expert parameters for DeepSpeed (and TP-replicated experts as TP duplicates, module
+    docstring); return whether DeepSpeed's MoE path is needed."""
     from megatron.core import parallel_state as ps
 
-    experts = [p for p in model.parameters() if getattr(p, "allreduce", True) is False]
-    if not experts:
+    if experts_replicated_over_tp():
+        for p in expert_parameters(model):
+            p.tensor_model_parallel = False  # a TP duplicate once its gradient is TP-summed (docstring)
+    experts = [p for p in expert_parameters(model) if getattr(p, "allreduce", True) is False]
+    if not experts:  # EP = 1: megatron leaves experts allreduce=True, DeepSpeed treats them as dense
         return False
     for p in experts:
         p.qsd_expert = True

@@ -115,12 +115,25 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_diff(a, b) -> float:
-    """Max abs difference between tensors, lists of tensors or dicts of tensors (same keys)."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), (sorted(set(a) ^ set(b)))
-        return max((max_diff(a[k], b[k]) for k in a), default=0.0)
-    if isinstance(a, (list, tuple)):
-        return max((max_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    """Max abs difference between tensors, lists of tensors or dicts of tensors (same keys, same
+    lengths, same shapes).  Nothing to compare is an error, not a difference of 0: an empty dict/list,
+    an empty tensor, a length or shape mismatch (no broadcasting) all raise ``ValueError``."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or set(a) != set(b):
+            raise ValueError(f"max_diff: different keys: {sorted(set(a) ^ set(b))}")
+        if not a:
+            raise ValueError("max_diff: two empty dicts, nothing compared")
+        return max(max_diff(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            raise ValueError(f"max_diff: lengths differ: {len(a)} vs {len(b)}")
+        if not a:
+            raise ValueError("max_diff: two empty sequences, nothing compared")
+        return max(max_diff(x, y) for x, y in zip(a, b, strict=True))
+    if a.shape != b.shape:
+        raise ValueError(f"max_diff: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.numel() == 0:
+        raise ValueError(f"max_diff: empty tensors {tuple(a.shape)}, nothing compared")
     return float((a.double() - b.double()).abs().max())
 
 

@@ -19,6 +19,9 @@ TINY = {
     "logging": {"progress_bar": False, "tensorboard": False, "peak_tflops": 1.0},
 }
 MOE = {"num_experts": 4, "router_topk": 2, "aux_loss_coeff": 0.0}
+# ``moeaux_*`` scenarios: the same MoE with the Switch load-balancing loss on (its gradient reaches the
+# router through megatron's ``MoEAuxLossAutoScaler``; strong enough to change the trajectory)
+MOE_AUX = {**MOE, "aux_loss_coeff": 0.5}
 
 # name -> overrides (all start from the same reference weights through checkpoint.init_from)
 SCENARIOS: dict[str, list[str]] = {
@@ -32,7 +35,23 @@ SCENARIOS: dict[str, list[str]] = {
     "moe_dp2_z3": ["parallel.zero_stage=3"],
     "moe_tp2_sp_z0": ["parallel.tp=2", "parallel.sp=true", "parallel.zero_stage=0"],
     "moe_tp2_sp_z1": ["parallel.tp=2", "parallel.sp=true", "parallel.zero_stage=1"],
+    "moeaux_single": [],
+    "moeaux_dp2_z0": ["parallel.zero_stage=0"],
+    "moeaux_dp2_z3": ["parallel.zero_stage=3"],
+    "moeaux_ep2_z1": ["parallel.ep=2", "parallel.zero_stage=1"],
+    "moeaux_ep2_z2": ["parallel.ep=2", "parallel.zero_stage=2"],
+    "moeaux_tp2_sp_z0": ["parallel.tp=2", "parallel.sp=true", "parallel.zero_stage=0"],
+    "moeaux_tp2_sp_z1": ["parallel.tp=2", "parallel.sp=true", "parallel.zero_stage=1"],
+    "moeaux_pp2_z1": ["parallel.pp=2", "parallel.zero_stage=1"],
 }
+
+
+def family(name: str) -> str:
+    """The model a scenario trains: ``dense``, ``moe`` (no aux loss) or ``moeaux`` (aux loss on)."""
+    return "moeaux" if name.startswith("moeaux") else "moe" if name.startswith("moe") else "dense"
+
+
+FAMILIES = ("dense", "moe", "moeaux")
 
 
 def scenario_dict(name: str, data_dir: str, run_dir: str, init_dir: str | None) -> tuple[dict, list[str]]:
@@ -41,23 +60,25 @@ def scenario_dict(name: str, data_dir: str, run_dir: str, init_dir: str | None) 
     d = copy.deepcopy(TINY)
     d["data"]["path"] = data_dir
     d["train"]["run_dir"] = run_dir
-    if name.startswith("moe"):
-        d["model"]["moe"] = dict(MOE)
+    if family(name) != "dense":
+        d["model"]["moe"] = dict(MOE_AUX if family(name) == "moeaux" else MOE)
     if init_dir:
         d["checkpoint"]["init_from"] = init_dir
     return d, SCENARIOS[name]
 
 
-def write_reference_init(out: Path, data_dir: str, moe: bool, seed: int = 11) -> Path:
+def write_reference_init(out: Path, data_dir: str, model_family: str, seed: int = 11) -> Path:
     """An ``import-hf``-style directory (config.yaml + model.safetensors) holding freshly initialized
-    reference-model weights: every parallel layout loads them, so all start from the same function."""
+    reference-model weights of ``model_family`` (:data:`FAMILIES`): every parallel layout loads them, so
+    all start from the same function (``moe`` and ``moeaux`` get the same weights: the aux loss adds none)."""
     from safetensors.torch import save_file
 
     from qsparse_dist.config import config_from_dict, dump_config
     from qsparse_dist.model import QSparseGPT
 
     vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
-    d, _ = scenario_dict("moe_single" if moe else "single", data_dir, "unused", None)
+    d, _ = scenario_dict({"dense": "single", "moe": "moe_single", "moeaux": "moeaux_single"}[model_family],
+                         data_dir, "unused", None)
     d["model"]["vocab_size"] = vocab
     cfg = config_from_dict(d)
     torch.manual_seed(seed)

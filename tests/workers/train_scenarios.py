@@ -3,7 +3,7 @@ report, per scenario, the per-step (loss, grad_norm) of metrics.jsonl.  A name e
 is trained (checkpoints every 2 steps), then resumed from its step-2 checkpoint: ``resumed`` holds the
 losses of the re-run steps and ``first`` those of the same steps in the first run.
 
-argv: DATA_DIR OUT_DIR INIT_DENSE INIT_MOE NAME[+resume]...
+argv: DATA_DIR OUT_DIR INIT_ROOT NAME[+resume]...   (INIT_ROOT/<family>: reference weights per model family)
 """
 
 import sys
@@ -13,17 +13,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dist_utils import write_result  # noqa: E402
-from train_common import read_metrics, scenario_dict  # noqa: E402
+from train_common import family, read_metrics, scenario_dict  # noqa: E402
 
 from qsparse_dist.config import config_from_dict  # noqa: E402
 from qsparse_dist.train.loop import train  # noqa: E402
 
-data_dir, out_dir, init_dense, init_moe, *names = sys.argv[1:]
+data_dir, out_dir, init_root, *names = sys.argv[1:]
 results = {}
 for spec in names:
     name, _, mode = spec.partition("+")
     run_dir = str(Path(out_dir) / name)
-    d, overrides = scenario_dict(name, data_dir, run_dir, init_moe if name.startswith("moe") else init_dense)
+    d, overrides = scenario_dict(name, data_dir, run_dir, str(Path(init_root) / family(name)))
     if mode == "resume":
         overrides = [*overrides, "checkpoint.interval=2"]
     train(config_from_dict(d, overrides))
