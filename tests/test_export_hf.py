@@ -97,6 +97,23 @@ def test_remote_code_copies_the_ops_math(tmp_path, tokenizer):
     assert cfg["sparsity"] == {"qkv": 0.5, "out": 0.5, "up": 0.5, "down": 0.5}
 
 
+def test_remote_code_is_built_from_the_shared_blocks(tmp_path, tokenizer):
+    """ONE home for the model: the export ships qsparse_dist/model/blocks.py unchanged and the HF model's
+    layers are its classes (the reference model's), not a restatement in modeling_qsparse.py."""
+    from transformers import AutoModelForCausalLM
+
+    from qsparse_dist.export.hf import MODEL_DIR
+
+    ckpt = load_checkpoint(make_checkpoint(tmp_path / "ckpt", make_config("qsparse", moe=True), tokenizer))
+    out = export_hf(ckpt, tmp_path / "hf").out_dir
+    assert (out / "blocks.py").read_text() == (MODEL_DIR / "blocks.py").read_text()
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    layer = hf.model.layers[0]
+    assert type(layer).__name__ == "DecoderBlock" and type(layer).__module__.endswith(".blocks")
+    assert type(layer.attn).__name__ == "Attention" and type(layer.ffn).__name__ == "MoEMLP"
+    assert type(hf.model.final_norm).__module__.endswith(".blocks")
+
+
 def test_tokenizer_encodes_like_sentencepiece(tmp_path, tokenizer):
     import sentencepiece as spm
     from transformers import AutoTokenizer

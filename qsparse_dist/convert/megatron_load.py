@@ -1,7 +1,7 @@
 """Initialize this rank's megatron-core ``GPTModel`` chunk from an ``import-hf`` directory.
 
 Each rank cuts its own (TP, PP, EP) shard out of the lazy reference-layout state dict with
-:func:`qsparse_dist.model.state_dict_adapter.reference_to_megatron`, so the same import serves any
+:func:`qsparse_dist.model.adapters.megatron.reference_to_megatron`, so the same import serves any
 parallel layout, and a rank reads only the tensors of its own pipeline stage.  Call it after
 ``build_megatron_gpt`` and *before* ``deepspeed.initialize`` (ZeRO-3 partitions parameters there).
 """
@@ -25,7 +25,7 @@ def load_imported_into_megatron(model, cfg: RunConfig, path: str | Path | None =
     section differs from the import or the built model lacks a tensor the import has."""
     from megatron.core import parallel_state as ps
 
-    from ..model.state_dict_adapter import reference_to_megatron
+    from ..model.adapters.megatron import reference_to_megatron
 
     path = path if path is not None else cfg.checkpoint.init_from
     if not path:

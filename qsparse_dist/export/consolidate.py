@@ -11,7 +11,7 @@ Layouts read:
 * **training checkpoint** — what ``qsparse-dist train`` writes (DeepSpeed engine state of the
   megatron-core model, sharded by TP/PP/EP and, with ZeRO-3, by data-parallel rank).  Reading it is
   delegated to :mod:`qsparse_dist.export.training_ckpt`, which gathers the per-(tp, pp, ep) megatron
-  shards and maps them with ``qsparse_dist.model.state_dict_adapter.megatron_to_reference``.
+  shards and maps them with ``qsparse_dist.model.adapters.megatron.megatron_to_reference``.
 
 Either way the result is validated against the config (every tensor present, shapes right, values
 finite) and a checkpoint that does not pass is refused with a :class:`CheckpointError` naming what is
@@ -20,14 +20,14 @@ missing.  ``RUN_OR_CKPT_DIR`` may be a run directory (its latest checkpoint is u
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import ConfigError, RunConfig, config_from_dict, dump_config
+from . import training_ckpt
+from .consolidated import Consolidated, read_json
 from .errors import CheckpointError
 from .layout import validate_reference_state_dict
 
@@ -37,6 +37,7 @@ __all__ = [
     "save_reference_checkpoint",
     "load_reference_checkpoint",
     "load_import_dir",
+    "read_json",
     "REFERENCE_WEIGHTS",
     "CONFIG_FILE",
 ]
@@ -44,19 +45,6 @@ __all__ = [
 REFERENCE_WEIGHTS = "reference.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
-
-
-@dataclass
-class Consolidated:
-    """A full model: config, reference-layout tensors, tokenizer and where they came from."""
-
-    config: RunConfig
-    state_dict: dict[str, torch.Tensor]
-    source: Path
-    layout: str
-    tokenizer_file: Path | None = None  # SentencePiece .model, or a Hugging Face tokenizer folder
-    step: int | None = None
-    special_tokens: dict[str, int] = field(default_factory=dict)  # e.g. {"eos": 2} from prepare-data
 
 
 def _read_config(path: Path) -> RunConfig:
@@ -134,8 +122,6 @@ def load_checkpoint(path: str | Path) -> Consolidated:
         return load_reference_checkpoint(path)
     if (path / "import.json").is_file() and (path / CONFIG_FILE).is_file():
         return load_import_dir(path)
-    from . import training_ckpt
-
     found = training_ckpt.find_checkpoint(path)
     if found is None:
         listing = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "empty directory"
@@ -144,10 +130,3 @@ def load_checkpoint(path: str | Path) -> Consolidated:
             f"directory with checkpoints/); it contains: {listing}"
         )
     return training_ckpt.consolidate(found)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from None

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .consolidate import Consolidated
+from .consolidated import Consolidated
 from .errors import ExportError, UnsupportedExportError
 from .layout import ModelKind, model_kind
 

@@ -9,7 +9,7 @@ dense (no top-K, no BitNet), swiglu /  ``LlamaForCausalLM`` (``Qwen2ForCausalLM`
 relu2glu                               ``MixtralForCausalLM`` for MoE — no remote code
 anything else (Q-Sparse, block         ``QSparseForCausalLM``: ``configuration_qsparse.py`` /
 Q-Sparse, BitNet, BitNet+Q-Sparse,     ``modeling_qsparse.py`` registered through ``auto_map`` plus
-dReLU, …)                              verbatim copies of the ``qsparse_dist/ops`` modules they import
+dReLU, …)                              copies of ``model/blocks.py`` and the ``ops`` modules they import
 =====================================  ===============================================================
 
 Files: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..config import dump_config
-from .consolidate import Consolidated
+from .consolidated import Consolidated
 from .errors import ExportError, UnsupportedExportError
 from .hf_mapping import HF_ACT, hf_config_dict, reference_to_hf
 from .layout import ModelKind, model_kind
@@ -40,6 +40,9 @@ __all__ = ["export_hf", "choose_hf_arch", "parse_dtype", "HFExport", "REMOTE_DIR
 
 REMOTE_DIR = Path(__file__).parent / "hf_remote"
 OPS_DIR = Path(__file__).resolve().parents[1] / "ops"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
+SOURCE_DIRS = (REMOTE_DIR, MODEL_DIR, OPS_DIR)
+"""Where the remote code's sibling imports come from: the templates, the shared blocks, the ops math."""
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
                "qsparse": "QSparseForCausalLM"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -74,7 +77,8 @@ def choose_hf_arch(kind: ModelKind) -> str:
 
 
 def _remote_sources() -> dict[str, Path]:
-    """The remote-code files and, following their ``from .x import`` lines, the ops modules they need."""
+    """The remote-code files and, following their ``from .x import`` lines, the modules they need:
+    the shared torch blocks (``model/blocks.py``) and the ``ops`` math, each copied unchanged."""
     files = {p.name: p for p in (REMOTE_DIR / "configuration_qsparse.py", REMOTE_DIR / "modeling_qsparse.py")}
     todo = list(files.values())
     while todo:
@@ -84,9 +88,9 @@ def _remote_sources() -> dict[str, Path]:
             name = f"{mod}.py"
             if name in files:
                 continue
-            src = REMOTE_DIR / name if (REMOTE_DIR / name).is_file() else OPS_DIR / name
-            if not src.is_file():
-                raise ExportError(f"remote code imports .{mod}, found neither in {REMOTE_DIR} nor {OPS_DIR}")
+            src = next((d / name for d in SOURCE_DIRS if (d / name).is_file()), None)
+            if src is None:
+                raise ExportError(f"remote code imports .{mod}, found in none of {[str(d) for d in SOURCE_DIRS]}")
             files[name] = src
             todo.append(src)
     return files
@@ -96,8 +100,10 @@ _OUTER_IMPORT = re.compile(r"^([ \t]*)from[ \t]+(\.\.[\w.]*)[ \t]+import[ \t]+(\
 
 
 def rewrite_outer_relative_imports(text: str) -> str:
-    """Rewrite ``from ..pkg.mod import a, b as c`` (an import reaching outside the ops package — the
-    optional Triton dispatch hooks) as the equivalent ``importlib.import_module("..pkg.mod", __package__)``.
+    """Transitional, for ``ops`` files only: rewrite ``from ..pkg.mod import a, b as c`` (the ops'
+    lazy imports of the Triton kernels under ``qsparse_dist/infer/kernels``) as the equivalent
+    ``importlib.import_module("..pkg.mod", __package__)``.  A no-op once ``ops`` stops importing
+    upward (issue 15: kernels register into ``ops.dispatch``) — then delete it.
 
     Same semantics inside ``qsparse_dist``; in an export directory the target does not exist and the
     dispatch guard (``except ImportError``) keeps the torch path.  Needed because transformers' remote
@@ -115,6 +121,18 @@ def rewrite_outer_relative_imports(text: str) -> str:
         return "\n".join(lines)
 
     return _OUTER_IMPORT.sub(repl, text)
+
+
+def _shipped_text(src: Path) -> str:
+    """The source of one remote-code file as written into the export: the remote code and the shared
+    blocks verbatim (refused if they reach outside the export directory), ops files see
+    :func:`rewrite_outer_relative_imports`."""
+    text = src.read_text(encoding="utf-8")
+    if src.parent == OPS_DIR:
+        return rewrite_outer_relative_imports(text)
+    if _OUTER_IMPORT.search(text):
+        raise ExportError(f"{src}: remote code must import only its siblings (from .x import), not from ..")
+    return text
 
 
 def add_legacy_config_keys(config_json: Path) -> None:
@@ -204,7 +222,7 @@ def export_hf(
                            "AutoModelForCausalLM": "modeling_qsparse.QSparseForCausalLM"}
         sources = _remote_sources()
         for name, src in sources.items():
-            (out / name).write_text(rewrite_outer_relative_imports(src.read_text(encoding="utf-8")), encoding="utf-8")
+            (out / name).write_text(_shipped_text(src), encoding="utf-8")
         files += sorted(sources)
     else:
         import transformers

@@ -9,8 +9,8 @@ gathered when the checkpoint is written, so no DeepSpeed state needs to be unpic
     model/experts_pp{p}_ep{e}.safetensors  experts of stage p held by EP rank e
 
 Keys are megatron-core ``GPTModel`` parameter names with the GLOBAL layer and expert index.  We turn
-them back into each rank's local names and hand the shards to
-``qsparse_dist.model.state_dict_adapter.megatron_to_reference`` (fused-QKV group interleave, gate/up
+them back into each rank's local names (``qsparse_dist.model.adapters.megatron.local_key``) and hand
+the shards to ``qsparse_dist.model.adapters.megatron.megatron_to_reference`` (fused-QKV group interleave, gate/up
 TP stride, vocab/column splits).  Before anything is read the checkpoint's ``manifest.json`` (sha256
 of every file) is verified; after the merge the result is validated against the config.
 """
@@ -21,12 +21,13 @@ import re
 from pathlib import Path
 
 from ..config import ConfigError, config_from_dict
+from ..model.adapters.megatron import local_key, megatron_to_reference
+from .consolidated import Consolidated, read_json
 from .errors import CheckpointError
+from .layout import validate_reference_state_dict
 
 __all__ = ["find_checkpoint", "consolidate", "load_megatron_shards"]
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _STEP_DIR = re.compile(r"^step_\d+$")  # train/checkpoint.py names checkpoints step_00000042
 
 
@@ -69,17 +70,6 @@ def looks_like_one_checkpoint(path: Path) -> bool:
     return bool(_STEP_DIR.match(path.name)) or (path / "meta.json").is_file() or (path / "model").is_dir()
 
 
-def _local_key(key: str, per_stage: int, pp_rank: int, local_experts: int, ep_rank: int) -> str:
-    m = _LAYER.match(key)
-    if not m:
-        return key
-    key = f"decoder.layers.{int(m.group(1)) - pp_rank * per_stage}." + key[m.end():]
-    e = _EXPERT.search(key)
-    if e:
-        key = key[: e.start()] + f".local_experts.{int(e.group(1)) - ep_rank * local_experts}." + key[e.end():]
-    return key
-
-
 def load_megatron_shards(ckpt: Path, cfg, parallel: dict) -> dict[tuple[int, int, int], dict]:
     """``{(tp_rank, pp_rank, ep_rank): local megatron state dict}`` for every position of the layout."""
     from safetensors import SafetensorError
@@ -104,7 +94,7 @@ def load_megatron_shards(ckpt: Path, cfg, parallel: dict) -> dict[tuple[int, int
             sd = load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: cannot be read ({err})") from None
-        return {_local_key(k, per_stage, p, local, e): v for k, v in sd.items()}
+        return {local_key(k, per_stage, p, local, e): v for k, v in sd.items()}
 
     dense = {(t, p): read(model_dir / f"tp{t:02d}_pp{p:02d}.safetensors", p, 0) for p in range(pp) for t in range(tp)}
     experts = {}
@@ -120,12 +110,9 @@ def load_megatron_shards(ckpt: Path, cfg, parallel: dict) -> dict[tuple[int, int
 
 
 def consolidate(ckpt: Path):
-    """Verify and merge one training checkpoint into a :class:`~.consolidate.Consolidated`."""
-    from ..model.state_dict_adapter import megatron_to_reference
+    """Verify and merge one training checkpoint into a :class:`~.consolidated.Consolidated`."""
     from ..train.checkpoint import CheckpointError as TrainCkptError
     from ..train.checkpoint import verify_checkpoint
-    from .consolidate import Consolidated, read_json
-    from .layout import validate_reference_state_dict
 
     try:
         verify_checkpoint(ckpt)

@@ -50,7 +50,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config.schema import RunConfig
-from ..model.reference import RMSNorm
+from ..model.blocks import RMSNorm
 from ..ops import glu_activation
 from . import fused
 from .parallel_linear import QSparseColumnParallelLinear, QSparseRowParallelLinear

@@ -3,7 +3,7 @@
 Llama-style: RMSNorm, rotate-half RoPE, no biases, optional GQA, tied or untied embeddings, GLU FFN
 (relu2glu | drelu | swiglu) or a megatron MoE FFN whose experts use the same sparse linears.  With
 all parallel sizes 1 it computes what :class:`qsparse_dist.model.reference.QSparseGPT` computes
-(same weights through :mod:`qsparse_dist.model.state_dict_adapter`).
+(same weights through :mod:`qsparse_dist.model.adapters.megatron`).
 
 Call order in a process::
 

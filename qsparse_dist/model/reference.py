@@ -5,7 +5,9 @@ Llama-style decoder: token embedding → N × [RMSNorm → attention (RoPE, opti
 residual → RMSNorm → FFN (GLU activation, or an MoE of GLU experts) → residual] → RMSNorm → LM head.
 No biases (except the optional QKV bias, ``model.qkv_bias``, for Qwen2).  Every projection is a
 :class:`~qsparse_dist.layers.SparseLinear` configured from ``sparsity`` (``qkv``, ``out``, ``up`` = the
-fused gate/up fc1, ``down``); the router and the LM head stay dense, as in the paper.
+fused gate/up fc1, ``down``); the router and the LM head stay dense, as in the paper.  The layers
+themselves (RMSNorm, RoPE, attention, GLU MLP, MoE) are the torch blocks of :mod:`.blocks`, shared
+with the exported Hugging Face remote code; this module binds them to the config and ``SparseLinear``.
 
 Weight layout (the state-dict contract shared with export/import):
     embed.weight [V, H]
@@ -29,140 +31,53 @@ from torch import nn
 from ..config.schema import ModelConfig, SparsityConfig
 from ..layers import SparseLinear
 from ..ops import glu_activation
+from . import blocks
+from .blocks import RMSNorm, apply_rope, rope_cache, switch_aux_loss
 
 __all__ = ["RMSNorm", "QSparseGPT", "rope_cache", "apply_rope", "switch_aux_loss"]
 
 
-class RMSNorm(nn.Module):
-    """``y = x / sqrt(mean(x²) + eps) · w`` (computed in float32)."""
+def sparse_linear_factory(m: ModelConfig, s: SparsityConfig) -> blocks.MakeLinear:
+    """The reference projections: a :class:`SparseLinear` with the ``sparsity`` recipe of each."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+    def make(in_features: int, out_features: int, projection: str, bias: bool) -> SparseLinear:
+        return SparseLinear(in_features, out_features, bias=bias, recipe=s.recipe(projection), init_std=m.init_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+    return make
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[S, hd]`` for rotate-half RoPE (the Llama / megatron non-interleaved form)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+class Attention(blocks.Attention):
+    """:class:`blocks.Attention` built from the config (``Attention(model, sparsity)``)."""
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x·cos + rotate_half(x)·sin`` for ``x`` of shape ``[B, heads, S, hd]``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rot.float() * sin).to(x.dtype)
-
-
-class Attention(nn.Module):
     def __init__(self, m: ModelConfig, s: SparsityConfig) -> None:
-        super().__init__()
-        self.nh, self.ng, self.hd = m.num_attention_heads, m.query_groups, m.head_dim
-        qkv_out = (self.nh + 2 * self.ng) * self.hd
-        self.qkv = SparseLinear(m.hidden_size, qkv_out, bias=m.qkv_bias, recipe=s.recipe("qkv"),
-                                init_std=m.init_std)
-        self.out = SparseLinear(self.nh * self.hd, m.hidden_size, recipe=s.recipe("out"), init_std=m.init_std)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).split([self.nh * self.hd, self.ng * self.hd, self.ng * self.hd], dim=-1)
-        q = q.view(b, t, self.nh, self.hd).transpose(1, 2)
-        k = k.view(b, t, self.ng, self.hd).transpose(1, 2)
-        v = v.view(b, t, self.ng, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k = torch.cat([kv_cache[0], k], dim=2)
-            v = torch.cat([kv_cache[1], v], dim=2)
-        new_cache = (k, v)
-        if self.ng != self.nh:
-            rep = self.nh // self.ng
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new query i (absolute position past + i) sees every cached key and new keys <= i
-            past = k.shape[2] - t
-            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(b, t, self.nh * self.hd)
-        return self.out(y), new_cache
+        super().__init__(m.hidden_size, m.num_attention_heads, m.query_groups, m.head_dim,
+                         sparse_linear_factory(m, s), qkv_bias=m.qkv_bias)
 
 
-class GLUMLP(nn.Module):
-    """``fc2( act(fc1(x)) )`` with ``fc1`` producing the fused ``[gate ‖ up]``."""
+class GLUMLP(blocks.GLUMLP):
+    """:class:`blocks.GLUMLP` built from the config."""
 
     def __init__(self, m: ModelConfig, s: SparsityConfig, ffn_size: int) -> None:
-        super().__init__()
-        self.fc1 = SparseLinear(m.hidden_size, 2 * ffn_size, recipe=s.recipe("up"), init_std=m.init_std)
-        self.fc2 = SparseLinear(ffn_size, m.hidden_size, recipe=s.recipe("down"), init_std=m.init_std)
-        self.act = glu_activation(m.ffn_activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        super().__init__(m.hidden_size, ffn_size, sparse_linear_factory(m, s), glu_activation(m.ffn_activation))
 
 
-def switch_aux_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss as megatron-core computes it (without the coefficient):
-    ``E / (T² · k) · Σ_e (Σ_t p_te) · n_e`` with ``p`` the softmax over all experts and ``n_e`` the
-    number of (token, slot) assignments routed to expert ``e``."""
-    t, e = probs.shape
-    return (probs.sum(0) * tokens_per_expert.to(probs.dtype)).sum() * e / (t * t * topk)
-
-
-class MoEMLP(nn.Module):
-    """Top-k routed mixture of GLU experts (megatron-core's router semantics: top-k on the logits,
-    softmax over the selected k, Switch aux loss on the full softmax)."""
+class MoEMLP(blocks.MoEMLP):
+    """:class:`blocks.MoEMLP` built from the config (``model.moe``), tracking routing for the aux loss."""
 
     def __init__(self, m: ModelConfig, s: SparsityConfig) -> None:
-        super().__init__()
         assert m.moe is not None
+        super().__init__(m.hidden_size, m.moe.ffn_hidden_size or m.ffn_size, m.moe.num_experts, m.moe.router_topk,
+                         sparse_linear_factory(m, s), glu_activation(m.ffn_activation), router_init_std=m.init_std)
         self.moe = m.moe
-        ffn = m.moe.ffn_hidden_size or m.ffn_size
-        self.router = nn.Linear(m.hidden_size, m.moe.num_experts, bias=False)
-        nn.init.normal_(self.router.weight, std=m.init_std)
-        self.experts = nn.ModuleList(GLUMLP(m, s, ffn) for _ in range(m.moe.num_experts))
-        self.last_aux_loss: torch.Tensor | None = None
-        self.last_tokens_per_expert: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        h = x.reshape(-1, shape[-1])
-        logits = self.router(h).float()
-        top_logits, top_idx = logits.topk(self.moe.router_topk, dim=-1)
-        weights = top_logits.softmax(dim=-1).to(x.dtype)
-        counts = torch.bincount(top_idx.flatten(), minlength=self.moe.num_experts)
-        self.last_tokens_per_expert = counts.detach()
-        self.last_aux_loss = switch_aux_loss(logits.softmax(-1), counts, self.moe.router_topk)
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            rows, slot = (top_idx == e).nonzero(as_tuple=True)
-            if rows.numel():
-                out.index_add_(0, rows, expert(h[rows]) * weights[rows, slot, None])
-            else:  # idle this forward: drop last forward's stats so sparsity_stats skips this expert
-                expert.fc1.last_input_zero_fraction = expert.fc2.last_input_zero_fraction = None
-        return out.view(shape)
 
 
-class Block(nn.Module):
+class Block(blocks.DecoderBlock):
+    """One decoder layer from the config: attention + (MoE or dense) GLU FFN."""
+
     def __init__(self, m: ModelConfig, s: SparsityConfig) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.attn = Attention(m, s)
-        self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.ffn = MoEMLP(m, s) if m.moe is not None else GLUMLP(m, s, m.ffn_size)
-
-    def forward(self, x, cos, sin, kv_cache=None):
-        a, cache = self.attn(self.attn_norm(x), cos, sin, kv_cache)
-        x = x + a
-        return x + self.ffn(self.ffn_norm(x)), cache
+        attn = Attention(m, s)
+        ffn = MoEMLP(m, s) if m.moe is not None else GLUMLP(m, s, m.ffn_size)
+        super().__init__(attn, ffn, m.hidden_size, m.norm_eps)
 
 
 class QSparseGPT(nn.Module):

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..model.adapters.megatron import shard_key
+
 __all__ = ["CheckpointError", "FORMAT", "checkpoint_root", "list_checkpoints", "resolve_checkpoint",
            "save_checkpoint", "load_checkpoint", "verify_checkpoint", "read_checkpoint_meta",
            "safe_torch_load", "shard_key", "step_dirname"]
@@ -199,25 +201,6 @@ def safe_torch_load():
 # ------------------------------------------------------------------------------------------------
 # model shards (safetensors) and RNG
 # ------------------------------------------------------------------------------------------------
-
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT_RE = re.compile(r"\.local_experts\.(\d+)\.")
-
-
-def shard_key(name: str, module, ep_rank: int) -> str:
-    """Parameter name → key in the shard files: GLOBAL layer index (PP offset added) and GLOBAL expert
-    index (``ep_rank · local_experts + i``), so the files of all stages / EP ranks merge by key."""
-    m = _LAYER_RE.match(name)
-    if m:
-        j = int(m.group(1))
-        layer = module.decoder.layers[j]
-        name = f"decoder.layers.{layer.layer_number - 1}." + name[m.end():]
-        e = _EXPERT_RE.search(name)
-        if e:
-            n_local = layer.mlp.num_local_experts
-            name = name[:e.start()] + f".local_experts.{ep_rank * n_local + int(e.group(1))}." + name[e.end():]
-    return name
-
 
 def _is_expert(p) -> bool:
     return bool(getattr(p, "qsd_expert", False)) or getattr(p, "allreduce", True) is False

@@ -1,10 +1,14 @@
 """Hugging Face model of an exported qsparse-dist checkpoint (remote code, loaded through ``auto_map``).
 
-The architecture is the reference GPT of ``qsparse_dist/model/reference.py`` (RMSNorm, rotate-half
-RoPE, GQA, fused QKV and fused [gate ‖ up] fc1, optional top-k routed MoE), and the linear-layer math
-is **not re-implemented here**: ``linear.py``, ``sparsify.py``, ``quant.py``, ``activations.py`` and
-``packing.py`` next to this file are verbatim copies of ``qsparse_dist/ops`` made at export time, so
-the exported model runs the same top-K / N:M / ternary / int8 code as training.
+Nothing here restates the model: the decoder layers are the shared torch blocks of
+``qsparse_dist/model/blocks.py`` (RMSNorm, rotate-half RoPE, GQA attention with fused QKV, fused
+[gate ‖ up] GLU, top-k routed MoE) — the very classes the reference model is built from — and the
+linear-layer math is ``linear.py``, ``sparsify.py``, ``quant.py``, ``activations.py`` and
+``packing.py`` of ``qsparse_dist/ops``.  The export copies those files, unchanged, next to this one;
+every import between them is a plain ``from .x import y`` (transformers copies such siblings into its
+module cache), so the exported model runs the same top-K / N:M / ternary / int8 code as training.
+This file adds only what is HF-specific: the projection module (packed ternary weights), the
+attention mask with padding, the ``PreTrainedModel`` plumbing and the cache API.
 
 Parameter names are the reference layout under ``model.`` (``model.layers.0.attn.qkv.weight``, …) plus
 ``lm_head.weight`` (absent when the embeddings are tied).  With ``config.ternary_packed`` a BitNet
@@ -29,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # dispatch/quant/sparsify are imported by linear.py only; they are named here too because transformers
 # 4.46 copies into its module cache just the relative imports of *this* file, not theirs.
 from .activations import glu_activation
+from .blocks import GLUMLP, Attention, DecoderBlock, MoEMLP, RMSNorm, cached_causal_mask, rope_tables
 from .configuration_qsparse import QSparseConfig
 from .dispatch import triton_kernels_for  # noqa: F401
 from .linear import LinearRecipe, qsparse_linear
@@ -82,113 +87,33 @@ class QSparseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, kind={r.kind}, sparsity={r.sparsity}, packed={self.packed}"
 
 
-class QSparseRMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+def _make_linear(config):
+    """The ``make_linear`` factory of ``blocks.py``: a :class:`QSparseLinear` with each projection's recipe."""
 
-    def forward(self, x):
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+    def make(in_features, out_features, projection, bias):
+        return QSparseLinear(in_features, out_features, _recipe(config, projection), config.ternary_packed, bias)
+
+    return make
 
 
-def rope_tables(position_ids, head_dim, theta):
-    """cos/sin ``[B, 1, S, hd]`` for rotate-half RoPE at integer positions ``[B, S]``."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos()[:, None], emb.sin()[:, None]
-
-
-def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rot.float() * sin).to(x.dtype)
-
-
-class QSparseAttention(nn.Module):
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.nh, self.ng, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        h, packed = config.hidden_size, config.ternary_packed
-        self.qkv = QSparseLinear(h, (self.nh + 2 * self.ng) * self.hd, _recipe(config, "qkv"), packed, config.qkv_bias)
-        self.out = QSparseLinear(self.nh * self.hd, h, _recipe(config, "out"), packed)
-
-    def forward(self, x, cos, sin, mask, cache):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).split([self.nh * self.hd, self.ng * self.hd, self.ng * self.hd], dim=-1)
-        q = q.view(b, t, self.nh, self.hd).transpose(1, 2)
-        k = k.view(b, t, self.ng, self.hd).transpose(1, 2)
-        v = v.view(b, t, self.ng, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        if self.ng != self.nh:
-            rep = self.nh // self.ng
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(b, t, self.nh * self.hd))
-
-
-class QSparseGLU(nn.Module):
-    def __init__(self, config, ffn_size):
-        super().__init__()
-        h, packed = config.hidden_size, config.ternary_packed
-        self.fc1 = QSparseLinear(h, 2 * ffn_size, _recipe(config, "up"), packed)
-        self.fc2 = QSparseLinear(ffn_size, h, _recipe(config, "down"), packed)
-        self.act = glu_activation(config.ffn_activation)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class QSparseMoE(nn.Module):
-    """Top-k routing as megatron-core: top-k of the router logits, softmax over the selected k."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.num_experts, self.topk = config.num_experts, config.num_experts_per_tok
-        ffn = config.moe_intermediate_size or config.intermediate_size
-        self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
-        self.experts = nn.ModuleList(QSparseGLU(config, ffn) for _ in range(self.num_experts))
-
-    def forward(self, x):
-        shape = x.shape
-        h = x.reshape(-1, shape[-1])
-        logits = self.router(h).float()
-        top_logits, top_idx = logits.topk(self.topk, dim=-1)
-        weights = top_logits.softmax(dim=-1).to(x.dtype)
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            rows, slot = (top_idx == e).nonzero(as_tuple=True)
-            if rows.numel():
-                out.index_add_(0, rows, expert(h[rows]) * weights[rows, slot, None])
-        return out.view(shape)
-
-
-class QSparseBlock(nn.Module):
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.attn_norm = QSparseRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = QSparseAttention(config, layer_idx)
-        self.ffn_norm = QSparseRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.ffn = QSparseMoE(config) if config.num_experts else QSparseGLU(config, config.intermediate_size)
-
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        return x + self.ffn(self.ffn_norm(x))
+def _decoder_block(config, layer_idx):
+    """One decoder layer built from the shared blocks (``attn_norm``, ``attn``, ``ffn_norm``, ``ffn``)."""
+    make, act = _make_linear(config), glu_activation(config.ffn_activation)
+    h = config.hidden_size
+    attn = Attention(h, config.num_attention_heads, config.num_key_value_heads, config.head_dim, make,
+                     qkv_bias=config.qkv_bias, layer_idx=layer_idx)
+    if config.num_experts:
+        ffn = MoEMLP(h, config.moe_intermediate_size or config.intermediate_size, config.num_experts,
+                     config.num_experts_per_tok, make, act, track_routing=False)
+    else:
+        ffn = GLUMLP(h, config.intermediate_size, make, act)
+    return DecoderBlock(attn, ffn, h, config.rms_norm_eps)
 
 
 class QSparsePreTrainedModel(PreTrainedModel):
     config_class = QSparseConfig
     base_model_prefix = "model"
-    _no_split_modules = ["QSparseBlock"]
+    _no_split_modules = ["DecoderBlock"]
     supports_gradient_checkpointing = False
     _supports_cache_class = True  # transformers 4.46: generate() builds a DynamicCache and passes cache_position
     _supports_static_cache = False
@@ -202,7 +127,7 @@ class QSparsePreTrainedModel(PreTrainedModel):
         if isinstance(module, QSparseLinear) and module.bias is not None and not getattr(module.bias, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.bias.zero_()
-        if isinstance(module, QSparseRMSNorm) and not getattr(module.weight, "_is_hf_initialized", False):
+        if isinstance(module, RMSNorm) and not getattr(module.weight, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.weight.fill_(1.0)
 
@@ -211,8 +136,8 @@ class QSparseModel(QSparsePreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(QSparseBlock(config, i) for i in range(config.num_hidden_layers))
-        self.final_norm = QSparseRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(_decoder_block(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -234,7 +159,7 @@ class QSparseModel(QSparsePreTrainedModel):
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         mask = _attention_mask(attention_mask, b, t, past, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer.forward_hf(x, cos, sin, mask, cache)
         return self.final_norm(x), cache
 
 
@@ -244,7 +169,7 @@ def _attention_mask(attention_mask, b, t, past, device):
     padded = attention_mask is not None and not bool(attention_mask.bool().all())
     if past == 0 and not padded:
         return None
-    mask = torch.ones(t, past + t, dtype=torch.bool, device=device).tril(past)[None, None].expand(b, 1, t, past + t)
+    mask = cached_causal_mask(t, past + t, device)[None, None].expand(b, 1, t, past + t)
     if padded:
         keep = attention_mask.bool()[:, None, None, -(past + t):]
         diag = torch.zeros(t, past + t, dtype=torch.bool, device=device)
