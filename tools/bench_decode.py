@@ -1,83 +1,205 @@
-"""End-to-end batch-1 greedy decode of a ~1B Q-Sparse model: Triton kernels vs the same model dense.
+"""End-to-end batch-1 greedy decode: Triton kernel decode of Q-Sparse / BitNet models vs the same model dense.
 
-Builds :class:`qsparse_dist.model.reference.QSparseGPT` with random weights (TinyLlama-like shape:
-hidden 2048, 22 layers, 32 heads / 4 KV groups, FFN 5632, vocab 32000, ~1.1B parameters) in bf16,
-wraps it in :class:`qsparse_dist.infer.kernels.decoder.KernelDecoder` (dense = cuBLAS GEMVs; qsparse
-= top-K + sparse GEMV; bitnet kinds = 2-bit ternary GEMV), captures one decode step in a CUDA graph
-(``qsparse_dist.infer.cuda_graph.GraphedStep``) and times ``--tokens`` steps.  Each variant's
-first logits are checked against the reference model (torch ops) on the same prompt token.
+Builds :class:`qsparse_dist.model.reference.QSparseGPT` with random weights at a preset shape
+(``1b``: TinyLlama-like, hidden 2048, 22 layers, FFN 5632, 32/4 heads; ``8b``: Llama-3-8B-like,
+hidden 4096, 32 layers, FFN 14336, 32/8 heads; vocab 32000), wraps it in
+:class:`~qsparse_dist.infer.kernels.decoder.KernelDecoder`, captures one decode step in a CUDA graph and
+times ``--tokens`` steps.  Before timing, fp32 parity of every kind against the reference model is
+checked (``--parity-layers`` layers at the same widths; ``tools/decode_parity.py`` says how).
 
-    python tools/bench_decode.py --json docs/bench/decode_h100.json
+Kinds: ``dense`` (cuBLAS GEMVs), ``qsparse`` / ``bitnet`` / ``bitnet_qsparse``; a suffix picks a
+variant: ``+pred`` predicated-row GEMVs instead of the compacted kept list, ``+bisect`` the old
+bit-by-bit top-K selection and ``+radix`` the 8-bit radix select (default: radix for int8 rows,
+bisection otherwise), ``+float`` the float-decoding ternary
+GEMVs instead of the dp4a kernel, ``+wA/B`` prologue warps A for rows <= 8192 features, B above.  Also printed: the device copy
+bandwidth (the ceiling), plain cuBLAS streaming the same weights (no other work), the bytes each
+kind must read per token and the fraction of the copy bandwidth that the measured rate implies, and a
+per-kernel table (µs and GB/s per projection).
+
+    python tools/bench_decode.py --preset 8b --json docs/bench/decode_8b_h200.json
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _bench_common import env_info, print_table, write_json  # noqa: E402
+from _bench_common import copy_bandwidth_gbs, env_info, graph_time_ms, print_table, write_json  # noqa: E402
+from decode_parity import PRESETS, diagnose, model_config, sparsity_config  # noqa: E402
 
-from qsparse_dist.config.schema import ModelConfig, SparsityConfig  # noqa: E402
+import qsparse_dist.infer.kernels.decoder as decoder_mod  # noqa: E402
 from qsparse_dist.infer.cuda_graph import GraphedStep  # noqa: E402
-from qsparse_dist.infer.kernels.decoder import KernelDecoder  # noqa: E402
-from qsparse_dist.infer.kernels.tune import tune_gemv  # noqa: E402
+from qsparse_dist.infer.kernels.decoder import KernelDecoder, prologue  # noqa: E402
+from qsparse_dist.infer.kernels.gemv import default_config, gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
+from qsparse_dist.infer.kernels.ternary_dp4a import default_k4_config, pack_k4, ternary_gemv_k4  # noqa: E402
 from qsparse_dist.model.reference import QSparseGPT  # noqa: E402
+from qsparse_dist.ops import kept_count, pack_ternary  # noqa: E402
 
-TUNED: dict = {}
 PROMPT_TOKEN = 17
 
 
-def model_config(args) -> ModelConfig:
-    return ModelConfig(vocab_size=32000, hidden_size=args.hidden, num_layers=args.layers,
-                       num_attention_heads=32, num_query_groups=4, ffn_hidden_size=args.ffn,
-                       seq_length=args.max_len, ffn_activation="relu2glu")
-
-
-def decode_tokens_per_s(dec: KernelDecoder, n_tokens: int, graphed: bool) -> tuple[float, torch.Tensor]:
+def decode_tokens_per_s(dec: KernelDecoder, n_tokens: int) -> float:
     dev = dec.residual.device
     tok = torch.full((1,), PROMPT_TOKEN, dtype=torch.long, device=dev)
     positions = torch.arange(n_tokens + 8, device=dev)
-    step = GraphedStep(dec.step, (tok, positions[:1]), enabled=graphed)
+    step = GraphedStep(dec.step, (tok, positions[:1]), enabled=True)
     dec.reset()
-    first = None
-    for p in range(4):  # warm
-        logits = step(tok, positions[p:p + 1])
-        if first is None:
-            first = logits.clone()
-        tok = logits.argmax(-1)
+    for p in range(4):
+        tok = step(tok, positions[p:p + 1]).argmax(-1)
     dec.reset()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for p in range(n_tokens):
-        logits = step(tok, positions[p:p + 1])
-        tok = logits.argmax(-1)
+        tok = step(tok, positions[p:p + 1]).argmax(-1)
     e.record()
     e.synchronize()
-    return n_tokens / (s.elapsed_time(e) / 1e3), first
+    return n_tokens / (s.elapsed_time(e) / 1e3)
+
+
+def proj_shapes(m) -> dict[str, tuple[int, int]]:
+    nqkv = (m.num_attention_heads + 2 * m.query_groups) * m.head_dim
+    return {"qkv": (m.hidden_size, nqkv), "out": (m.num_attention_heads * m.head_dim, m.hidden_size),
+            "fc1": (m.hidden_size, 2 * m.ffn_size), "fc2": (m.ffn_size, m.hidden_size)}
+
+
+def bytes_per_token(m, kind: str, sp: float, pos: int) -> float:
+    """Bytes a decode step must read at least: projection weights (kept rows only with top-K;
+    2 bits per ternary weight), the bf16 LM head, the KV cache up to ``pos``."""
+    tot = 0.0
+    for k, n in proj_shapes(m).values():
+        kk = kept_count(k, sp) if kind.endswith("qsparse") else k
+        tot += kk * n * (0.25 if kind.startswith("bitnet") else 2)
+    tot *= m.num_layers
+    tot += m.vocab_size * m.hidden_size * 2
+    tot += 2 * m.num_layers * m.query_groups * m.head_dim * pos * 2
+    return tot
+
+
+def cublas_stream_ms(m) -> float:
+    """Plain cuBLAS: one bf16 GEMV per projection of every layer plus the LM head, nothing else."""
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(m.num_layers)
+          for k, n in proj_shapes(m).values()]
+    head = torch.randn(m.vocab_size, m.hidden_size, device="cuda", dtype=torch.bfloat16)
+    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k, _ in proj_shapes(m).values()}
+
+    def run():
+        for w in ws:
+            F.linear(xs[w.shape[1]], w)
+        F.linear(xs[m.hidden_size], head)
+
+    ms = graph_time_ms(run, iters=10)
+    ws = None  # noqa: F841 (free before the next allocation)
+    torch.cuda.empty_cache()
+    return ms
+
+
+def amortized_us(fn, reps: int = 20) -> float:
+    """µs per call of a small kernel: ``reps`` back-to-back calls in one graph (launch gaps as in the
+    decode graph, the graph-launch and event overhead divided out)."""
+    return graph_time_ms(lambda: [fn() for _ in range(reps)], iters=10) * 1e3 / reps
+
+
+def kernel_table(m, sp: float, bw: float) -> list[dict]:
+    """µs per call of each decode kernel at each projection shape (weights > L2: several copies)."""
+    rows = []
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    for name, (k, n) in proj_shapes(m).items():
+        try:
+            rows.append(_kernel_row(name, k, n, sp, bw, l2))
+        except Exception as e:  # keep measuring the rest; the error is part of the record
+            rows.append({"proj": name, "error": repr(e)[:300]})
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _kernel_row(name: str, k: int, n: int, sp: float, bw: float, l2: int) -> dict:
+    kk = kept_count(k, sp)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    idx = torch.empty(kk, dtype=torch.int32, device="cuda")
+    q = torch.empty(1, k, dtype=torch.int8, device="cuda")
+    s = torch.empty(1, device="cuda")
+    r = {"proj": name, "K": k, "N": n}
+    for radix in (True, False):
+        for warps in ((1, 2, 4, 8, 16) if k <= 8192 else (4, 8, 16)):
+            decoder_mod.PROLOGUE_WARPS = warps
+            r[f"sel_{'radix' if radix else 'bisect'}_w{warps}_us"] = amortized_us(
+                lambda radix=radix: prologue(x, y, d=k, k=kk, idx_out=idx, radix=radix))
+    decoder_mod.PROLOGUE_WARPS = None
+    r["sel_int8_us"] = amortized_us(lambda: prologue(x, y, d=k, k=kk, q_out=(q, s)))
+    r["norm_only_us"] = amortized_us(lambda: prologue(x, y, d=k, norm_weight=x[0]))
+    ncopy = max(2, -(-4 * l2 // (k * n * 2)))
+    wd = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(ncopy)]
+    wt = [w.t().contiguous() for w in wd]
+    out = torch.zeros(ncopy, 1, n, device="cuda")
+    prologue(x, y, d=k, k=kk, idx_out=idx)
+    vals = y[0, :kk].clone()
+    xs = x.clone()
+    kept = torch.zeros(k, dtype=torch.bool, device="cuda")
+    kept[idx.long()] = True
+    xs[0, ~kept] = 0
+    r["cublas_us"] = graph_time_ms(lambda: [F.linear(x, w) for w in wd]) * 1e3 / ncopy
+    cfg_g = default_config(kk, n, 1, x.device)
+    cfg_p = default_config(k, n, 1, x.device)
+    r["gather_us"] = graph_time_ms(lambda: [gather_gemv(vals, idx, w, n, config=cfg_g, out=out[i], out_is_zeroed=True)
+                                            for i, w in enumerate(wt)]) * 1e3 / ncopy
+    r["pred_us"] = graph_time_ms(lambda: [sparse_gemv(xs, w, config=cfg_p, out=out[i], out_is_zeroed=True)
+                                          for i, w in enumerate(wt)]) * 1e3 / ncopy
+    wd = wt = None
+    nt = max(2, -(-4 * l2 // (k * n // 4)))
+    pk = [pack_ternary(torch.randint(-1, 2, (k, n), device="cuda", dtype=torch.int8)) for _ in range(nt)]
+    qx = torch.randint(-127, 128, (1, k), device="cuda", dtype=torch.int8)
+    one = torch.ones(1, device="cuda")
+    cfg_t = default_config(k, n, 1, x.device, ternary=True)
+    cfg_tg = default_config(kk, n, 1, x.device, ternary=True)
+    outt = torch.zeros(nt, 1, n, device="cuda")
+    r["ternary_us"] = graph_time_ms(lambda: [ternary_gemv(qx, one, w, one[0], n, skip_zeros=False, config=cfg_t,
+                                                          out=outt[i], out_is_zeroed=True)
+                                             for i, w in enumerate(pk)]) * 1e3 / nt
+    qv = qx[0, :kk].contiguous()
+    r["ternary_gather_us"] = graph_time_ms(lambda: [gather_gemv(qv, idx, w, n, x_scale=one, w_scale=one[0],
+                                                                config=cfg_tg, out=outt[i], out_is_zeroed=True)
+                                                    for i, w in enumerate(pk)]) * 1e3 / nt
+    pk = None
+    p4 = [pack_k4(pack_ternary(torch.randint(-1, 2, (n, k), device="cuda", dtype=torch.int8))) for _ in range(nt)]
+    cfg4 = default_k4_config(k, n, x.device)
+    r["k4_us"] = graph_time_ms(lambda: [ternary_gemv_k4(qx, one, w, one[0], skip_zeros=False, config=cfg4, out=outt[i],
+                                                        out_is_zeroed=True) for i, w in enumerate(p4)]) * 1e3 / nt
+    p4 = None
+    r["k4_bw_%"] = 100 * (k * n / 4) / (r["k4_us"] * 1e3) / bw
+    dense_b, kept_b = k * n * 2, kk * n * 2
+    r["cublas_bw_%"] = 100 * dense_b / (r["cublas_us"] * 1e3) / bw
+    r["gather_bw_%"] = 100 * kept_b / (r["gather_us"] * 1e3) / bw
+    r["ternary_bw_%"] = 100 * (k * n / 4) / (r["ternary_us"] * 1e3) / bw
+    r["ternary_gather_bw_%"] = 100 * (kk * n / 4) / (r["ternary_gather_us"] * 1e3) / bw
+    return r
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=22)
-    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--ffn", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--kv-groups", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--kinds", default="dense,qsparse,bitnet,bitnet_qsparse")
-    ap.add_argument("--eager", action="store_true", help="also time without the CUDA graph")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    ap.add_argument("--no-gather", action="store_true", help="predicated-row GEMVs instead of compacted lists")
-    ap.add_argument("--no-tune", action="store_true", help="default GEMV configs (no per-shape tuning)")
+    ap.add_argument("--kinds", default="dense,qsparse,qsparse+pred,qsparse+bisect,bitnet,bitnet_qsparse,"
+                                       "bitnet_qsparse+pred,bitnet_qsparse+bisect")
+    ap.add_argument("--parity-layers", type=int, default=2, help="layers of the fp32 parity model (0 = skip)")
+    ap.add_argument("--no-kernel-table", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -86,59 +208,88 @@ def main(argv=None) -> int:
     t0 = time.time()
     info = env_info()
     info["command"] = "python tools/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    m = model_config(args)
-    rows = []
-    base = None
-    prompt = torch.tensor([[PROMPT_TOKEN]], device="cuda")
-    for kind in args.kinds.split(","):
-        sp = args.sparsity
-        scfg = (SparsityConfig(linear=kind, qkv=sp, out=sp, up=sp, down=sp) if kind.endswith("qsparse")
-                else SparsityConfig(linear=kind))
+    shape = dict(PRESETS[args.preset])
+    for key in ("hidden", "layers", "ffn", "heads", "kv_groups"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    m = model_config(**shape, max_len=args.max_len)
+    bw = copy_bandwidth_gbs(2 << 30)
+    info["copy_bw_GBs"] = bw
+    print(f"device copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)
+    base_kinds = sorted({k.split("+")[0] for k in args.kinds.split(",")} - {"dense"})
+    parity = []
+    if args.parity_layers:
+        pm = model_config(**{**shape, "layers": args.parity_layers}, max_len=64)
+        for kind in base_kinds + ["dense"]:
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                model = QSparseGPT(pm, sparsity_config(kind, args.sparsity)).float().eval()
+            try:
+                row = {"kind": kind, "layers": args.parity_layers,
+                       **diagnose(model, KernelDecoder(model, 64, dense=kind == "dense"))}
+                row["ok_1e-5"] = row["rel"] <= 1e-5
+            except Exception as e:
+                row = {"kind": kind, "error": repr(e)[:300]}
+            parity.append(row)
+            print("fp32 parity", row, flush=True)
+            del model
+            torch.cuda.empty_cache()
+    ktab = [] if args.no_kernel_table else kernel_table(m, args.sparsity, bw)
+    cub_ms = cublas_stream_ms(m)
+    dense_bytes = bytes_per_token(m, "dense", 0.0, 0)
+    print(f"plain cuBLAS weight stream: {cub_ms:.3f} ms = {dense_bytes / cub_ms / 1e6 / bw:.1%} of copy bw", flush=True)
+    rows, base = [], None
+    for spec in args.kinds.split(","):
+        kind, *variants = spec.split("+")
+        warps = next((tuple(int(w) for w in v[1:].split("/")) for v in variants if v.startswith("w")), None)
+        warps = warps[0] if warps and len(warps) == 1 else warps
+        sp = args.sparsity if kind.endswith("qsparse") else 0.0
         torch.manual_seed(0)
         with torch.device("cuda"):
-            model = QSparseGPT(m, scfg).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
-        n_params = sum(p.numel() for p in model.parameters())
-        os.environ["QSPARSE_TRITON"] = "0"
-        with torch.no_grad():
-            ref = model(prompt)[0, -1].float()
-        os.environ.pop("QSPARSE_TRITON")
-        configs, tuned = {}, {}
-        if kind != "dense" and not args.no_tune:  # pick each projection's GEMV tiling on this GPU (cached across kinds)
-            gk = "ternary" if kind.startswith("bitnet") else "sparse"
-            spv = sp if kind.endswith("qsparse") else 0.0
-            nqkv = (m.num_attention_heads + 2 * m.query_groups) * m.head_dim
-            shapes = {"qkv": (m.hidden_size, nqkv), "out": (m.num_attention_heads * m.head_dim, m.hidden_size),
-                      "up": (m.hidden_size, 2 * m.ffn_size), "down": (m.ffn_size, m.hidden_size)}
-            for proj, (k, n) in shapes.items():
-                key = (gk, k, n, spv)
-                if key not in TUNED:
-                    TUNED[key] = tune_gemv(gk, k, n, spv, gather=not args.no_gather)
-                configs[proj] = TUNED[key][0]
-                tuned[proj] = {"config": str(TUNED[key][0]), "us": TUNED[key][1]}
-        dec = KernelDecoder(model, args.max_len, dense=(kind == "dense"), configs=configs,
-                            gather=not args.no_gather)
-        with torch.no_grad():
-            tps, first = decode_tokens_per_s(dec, args.tokens, graphed=True)
-            row = {"kind": kind, "sparsity": sp if kind.endswith("qsparse") else 0.0, "params_M": n_params / 1e6,
-                   "tok_per_s": tps, "ms_per_tok": 1e3 / tps,
-                   "logits_rel_err_vs_reference": float((first[0] - ref).norm() / ref.norm()),
-                   "gemv_configs": tuned}
-            if args.eager:
-                row["tok_per_s_eager"] = decode_tokens_per_s(dec, 32, graphed=False)[0]
+            model = QSparseGPT(m, sparsity_config(kind, args.sparsity)).to(torch.bfloat16).eval()
+        try:
+            decoder_mod.PROLOGUE_WARPS = warps
+            dec = KernelDecoder(model, args.max_len, dense=kind == "dense", gather="pred" not in variants,
+                                radix=False if "bisect" in variants else (True if "radix" in variants else None),
+                                ternary="float" if "float" in variants else "k4")
+            with torch.no_grad():
+                bf16_rel = diagnose(model, dec) if kind != "dense" and not variants else {}
+                tps = decode_tokens_per_s(dec, args.tokens)
+        except Exception as e:
+            rows.append({"kind": spec, "error": repr(e)[:300]})
+            print(rows[-1], flush=True)
+            del model
+            torch.cuda.empty_cache()
+            continue
+        nbytes = bytes_per_token(m, kind, sp, args.tokens // 2 + 4)
+        row = {"kind": spec, "sparsity": sp, "tok_per_s": tps, "ms_per_tok": 1e3 / tps,
+               "GB_per_tok": nbytes / 1e9, "bw_%": 100 * nbytes * tps / 1e9 / bw,
+               "bf16_rel": bf16_rel.get("rel"), "bf16_rel_forced_masks": bf16_rel.get("rel_forced_masks"),
+               "bf16_mask_flips": bf16_rel.get("mask_flips_total"),
+               "bf16_rel_ref_perturbed": bf16_rel.get("rel_ref_vs_ref_perturbed")}
         if kind == "dense":
             base = tps
         row["vs_dense"] = tps / base if base else None
-        row["dtype"], row["gather"] = args.dtype, not args.no_gather
+        decoder_mod.PROLOGUE_WARPS = None
         rows.append(row)
         print(row, flush=True)
         del model, dec
         torch.cuda.empty_cache()
-    res = {"env": info, "model": m.model_dump(), "tokens": args.tokens, "rows": rows, "wall_s": time.time() - t0}
+    res = {"env": info, "shape": shape, "model": m.model_dump(), "tokens": args.tokens, "sparsity": args.sparsity,
+           "cublas_stream_ms": cub_ms, "cublas_stream_bw_%": 100 * dense_bytes / cub_ms / 1e6 / bw,
+           "parity_fp32": parity, "kernels": ktab, "rows": rows, "wall_s": time.time() - t0}
     if args.json:
         write_json(res, args.json)
-    print("\n== batch-1 greedy decode, CUDA graph per step ==")
-    print_table(rows, ["kind", "sparsity", "params_M", "tok_per_s", "ms_per_tok", "vs_dense",
-                       "logits_rel_err_vs_reference"] + (["tok_per_s_eager"] if args.eager else []))
+    if ktab:
+        print("\n== per-kernel µs (bf16 weights; ternary packed 2-bit), % of copy bandwidth ==")
+        print_table(ktab, list(ktab[0]))
+    if parity:
+        print("\n== fp32 parity vs reference ==")
+        print_table(parity, list(parity[0]))
+    print(f"\n== {args.preset} batch-1 greedy decode, CUDA graph per step; copy bw {bw:.0f} GB/s; "
+          f"plain cuBLAS stream {100 * dense_bytes / cub_ms / 1e6 / bw:.0f}% ==")
+    print_table(rows, ["kind", "sparsity", "tok_per_s", "ms_per_tok", "GB_per_tok", "bw_%", "vs_dense", "bf16_rel",
+                       "bf16_rel_forced_masks", "bf16_mask_flips"])
     return 0
 
 

@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (export dtype on GPU, float32 on CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--backend", default="auto", help="linear-layer backend: auto | torch | kernels")
+    p.add_argument("--backend", default="auto",
+                   help="linear-layer backend: auto (Triton kernels on CUDA, torch on CPU) | torch | kernels")
     p.add_argument("--no-stream", action="store_true", help="print the text once at the end")
     p.add_argument("--show-sparsity", action="store_true",
                    help="report the measured zero fraction of each projection's input")

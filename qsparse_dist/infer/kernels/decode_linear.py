@@ -4,7 +4,8 @@ Decode steps (at most 16 rows) go through the Triton GEMVs; prefill and anything
 the torch path of :class:`~qsparse_dist.infer.runtime.InferenceLinear`, whose semantics both follow:
 
     qsparse / block_qsparse   y = sparse_gemv(x ⊙ M, Wᵀ)          (rows of dropped features never read)
-    bitnet / bitnet_qsparse   y = s_x · s_w · ternary_gemv(Q8(x ⊙ M), W_q)   (2-bit packed weights)
+    bitnet / bitnet_qsparse   y = s_x · s_w · ternary_gemv(Q8(x ⊙ M), W_q)   (2-bit packed weights;
+                              batch 1: the dp4a kernel of :mod:`.ternary_dp4a`)
     dense                     declined (``None``): cuBLAS is the baseline
 
 ``W_eff`` is the effective weight (``s_w · W_q`` for BitNet kinds), so the ternary codes are recovered
@@ -20,6 +21,7 @@ from ...ops.packing import PackedTernary, pack_ternary, to_feature_major
 from ..runtime import InferenceLinear
 from . import use_triton
 from .gemv import sparse_gemv, ternary_gemv
+from .ternary_dp4a import pack_k4, ternary_gemv_k4
 
 __all__ = ["KernelLinear", "make_decode_linear", "MAX_DECODE_ROWS"]
 
@@ -35,14 +37,15 @@ class KernelLinear(InferenceLinear):
         self.out_features, self.in_features = weight.shape
         if recipe.quantized:
             if packed is not None:
-                codes, scale = packed.packed, packed.scale.float()
-                wt = to_feature_major(codes.to(weight.device), self.in_features)
+                rows_packed, scale = packed.packed.to(weight.device), packed.scale.float()
             else:
                 scale = weight.detach().abs().amax().float()
                 w_q = torch.clamp(torch.round(weight.detach().float() / scale), -1, 1).to(torch.int8)
-                wt = pack_ternary(w_q.t().contiguous())
-            self.register_buffer("wt_packed", wt.contiguous())
+                rows_packed = pack_ternary(w_q)  # [N, ceil(K/4)], the export layout
+            self.register_buffer("wt_packed", to_feature_major(rows_packed, self.in_features).contiguous())
             self.register_buffer("w_scale", scale.reshape(()).to(weight.device))
+            # batch 1: the dp4a kernel reads [K/4, N] bytes (the row-packed codes, transposed)
+            self.register_buffer("p4", pack_k4(rows_packed) if self.in_features % 4 == 0 else None)
         else:
             self.register_buffer("wt", weight.detach().t().contiguous())
 
@@ -57,8 +60,11 @@ class KernelLinear(InferenceLinear):
             self.calls += 1
         if self.recipe.quantized:
             q, s = quantize_activation_int8(x_in)
-            y = ternary_gemv(q, s.reshape(-1), self.wt_packed, self.w_scale, self.out_features,
-                             skip_zeros=self.recipe.uses_topk)
+            if rows == 1 and self.p4 is not None:
+                y = ternary_gemv_k4(q, s.reshape(-1), self.p4, self.w_scale, skip_zeros=self.recipe.uses_topk)
+            else:
+                y = ternary_gemv(q, s.reshape(-1), self.wt_packed, self.w_scale, self.out_features,
+                                 skip_zeros=self.recipe.uses_topk)
         else:
             y = sparse_gemv(x_in.to(self.wt.dtype), self.wt)
         y = y.to(x.dtype)

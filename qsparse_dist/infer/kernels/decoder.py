@@ -30,11 +30,31 @@ import triton.language as tl
 from ...ops import LinearRecipe, kept_count, pack_ternary, quantize_weight_ternary
 from ...ops.quant import ACT_EPS
 from .gemv import GemvConfig, default_config, gather_gemv, sparse_gemv, ternary_gemv
+from .select import radix_topk_keep
+from .ternary_dp4a import default_k4_config, pack_k4, ternary_gemv_k4
 from .topk import _round_f32_to_bf16, _round_half_even, topk_keep
 
 __all__ = ["DecodeLinear", "KernelDecoder", "prologue"]
 
 _ACTS = {"relu2glu": 1, "drelu": 2, "swiglu": 3}
+
+#: Top-K selection of the prologue: radix select over 8-bit digits (:mod:`.select`, ``True``), the
+#: bit-by-bit bisection shared with the training kernels (``False``), or ``None`` = by measurement
+#: (H200, tools/bench_decode.py, docs/benchmarks.md): radix when the row is also int8-quantized
+#: (bitnet_qsparse: 1.2x faster end to end at both shapes), bisection otherwise (qsparse: 1-2 % faster).
+RADIX_SELECT: bool | None = None
+#: Warps of the prologue kernel: ``None`` = one per 256 padded features, at most 8 up to 4096 features
+#: and 16 above (H200, top-K prologue amortized: 8.6-9.0 µs with 8 warps vs 9.7-10.0 µs with 16 at 4096;
+#: 16 best at 14336); an int; or ``(warps for d <= 8192, warps above)`` (tools/bench_decode.py knob).
+PROLOGUE_WARPS: int | tuple[int, int] | None = None
+
+
+def _prologue_warps(d: int) -> int:
+    pw = PROLOGUE_WARPS
+    if isinstance(pw, tuple):
+        pw = pw[0] if d <= 8192 else pw[1]
+    block = triton.next_power_of_2(d)
+    return pw or max(1, min(8 if block <= 4096 else 16, block // 256))
 
 
 @triton.jit
@@ -44,6 +64,7 @@ def _prologue_kernel(
     ADD_RES: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, DO_TOPK: tl.constexpr,
     QUANT: tl.constexpr, IS_BF16: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_IDX: tl.constexpr,  # batch 1: write the kept list (idx, values or codes) for gather_gemv
+    RADIX: tl.constexpr = True,  # select with 8-bit-digit histograms (2 passes bf16) instead of bit bisection
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -54,7 +75,7 @@ def _prologue_kernel(
         u = tl.load(base + D + cols, mask=inb, other=0.0).to(tl.float32)
         if ACT == 1:
             r = tl.maximum(g, 0.0)
-            x = u * r * r
+            x = u * (r * r)  # the reference's order, up * relu(gate)²: bit-identical, ties stay ties
         elif ACT == 2:
             x = tl.maximum(g, 0.0) * tl.maximum(u, 0.0)
         else:
@@ -70,9 +91,13 @@ def _prologue_kernel(
             x = x * (1.0 / tl.sqrt(ms + norm_eps)) * w
     if IS_BF16:
         x = _round_f32_to_bf16(x)
-    xt = x[None, :].to(y_ptr.dtype.element_ty)  # exact: already rounded to the activation dtype
+    xr = x.to(y_ptr.dtype.element_ty)  # exact: already rounded to the activation dtype
+    xt = xr[None, :]
     if DO_TOPK:
-        keep = topk_keep(xt, inb[None, :], k, KEY_BITS, 1)
+        if RADIX:
+            keep = radix_topk_keep(xr, inb, k, KEY_BITS)[None, :]
+        else:
+            keep = topk_keep(xt, inb[None, :], k, KEY_BITS, 1)
         xt = tl.where(keep, xt, tl.zeros_like(xt))
         if WRITE_IDX:
             kept = keep & inb[None, :]
@@ -109,6 +134,7 @@ def prologue(
     act: str | None = None,
     q_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     idx_out: torch.Tensor | None = None,
+    radix: bool | None = None,
 ) -> None:
     """Fused row op writing the next projection's input into ``out`` (or int8 codes into ``q_out``).
 
@@ -122,6 +148,8 @@ def prologue(
     if act is not None and act not in _ACTS:
         raise ValueError(f"act must be one of {sorted(_ACTS)}, got {act!r}")
     q, s = q_out if q_out is not None else (out, out)
+    radix = RADIX_SELECT if radix is None else radix
+    radix = (q_out is not None if radix is None else radix) and d < 32768  # radix counts are packed in 16 bits
     do_topk = k is not None and k < d
     _prologue_kernel[(bsz,)](
         inp, residual if residual is not None else inp, norm_weight if norm_weight is not None else inp,
@@ -129,7 +157,8 @@ def prologue(
         ADD_RES=add_residual, NORM=norm_weight is not None, ACT=_ACTS[act] if act else 0,
         DO_TOPK=do_topk, QUANT=q_out is not None, IS_BF16=out.dtype == torch.bfloat16,
         KEY_BITS=15 if out.dtype in (torch.bfloat16, torch.float16) else 31,
-        BLOCK_D=triton.next_power_of_2(d), WRITE_IDX=idx_out is not None and do_topk, num_warps=max(1, min(16, triton.next_power_of_2(d) // 256)),
+        BLOCK_D=triton.next_power_of_2(d), WRITE_IDX=idx_out is not None and do_topk, RADIX=radix,
+        num_warps=_prologue_warps(d),
     )
 
 
@@ -198,18 +227,24 @@ class DecodeLinear:
     """One projection at decode time, from the latent weight ``[N, K]`` and its recipe.
 
     dense: cuBLAS on ``W`` (output in the activation dtype); qsparse: :func:`sparse_gemv` on
-    ``Wᵀ``; bitnet / bitnet_qsparse: :func:`ternary_gemv` on the packed feature-major codes.
+    ``Wᵀ`` (or :func:`gather_gemv` on the kept list); bitnet / bitnet_qsparse: ``ternary="k4"``
+    (default) :func:`~.ternary_dp4a.ternary_gemv_k4` (dp4a over 4 inputs per byte), ``"float"`` the
+    float-decoding :func:`ternary_gemv` / ternary :func:`gather_gemv` on feature-major codes.
     The caller provides the input already sparsified (and int8-quantized for BitNet).
     """
 
     def __init__(self, weight: torch.Tensor, recipe: LinearRecipe, dtype: torch.dtype,
-                 config: GemvConfig | None = None, gather: bool = True) -> None:
+                 config: GemvConfig | None = None, gather: bool = True, ternary: str = "k4") -> None:
         if recipe.block_size is not None:
             raise ValueError("N:M (block_size) projections are not supported by the kernel decoder")
+        if ternary not in ("k4", "float"):
+            raise ValueError(f"ternary must be 'k4' (dp4a kernel) or 'float' (float decoding), got {ternary!r}")
         self.recipe = recipe
         self.out_features, self.in_features = weight.shape
         self.k = kept_count(self.in_features, recipe.sparsity) if recipe.uses_topk else None
         self.mode = "ternary" if recipe.quantized else ("sparse" if recipe.uses_topk else "dense")
+        if self.mode == "ternary" and ternary == "k4" and self.in_features % 4 == 0:
+            self.mode = "ternary_k4"
         w = weight.detach()
         self.config = config
         if self.mode == "dense":
@@ -218,17 +253,23 @@ class DecodeLinear:
             self.wt = w.to(dtype).t().contiguous()
         else:
             w_q, s = quantize_weight_ternary(w)
-            self.wt_packed = pack_ternary(w_q.t().contiguous())
+            if self.mode == "ternary_k4":
+                self.p4 = pack_k4(pack_ternary(w_q))
+            else:
+                self.wt_packed = pack_ternary(w_q.t().contiguous())
             self.w_scale = s.reshape(()).to(w.device)
         # batch 1 with top-K: loop over the compacted kept list (work ∝ kept features)
-        self.gather = gather and self.k is not None and (self.mode == "sparse" or self.out_features % 16 == 0)
-        if self.mode != "dense" and config is None:
+        self.gather = gather and self.k is not None and (
+            self.mode == "sparse" or (self.mode == "ternary" and self.out_features % 16 == 0))
+        if self.mode == "ternary_k4" and config is None:
+            self.config = default_k4_config(self.in_features, self.out_features, w.device)
+        elif self.mode in ("sparse", "ternary") and config is None:
             self.config = default_config(self.k if self.gather else self.in_features, self.out_features, 1,
                                          w.device, ternary=self.mode == "ternary")
 
     @property
     def quantized_input(self) -> bool:
-        return self.mode == "ternary"
+        return self.mode.startswith("ternary")
 
     def __call__(self, x, out: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``out`` float32 ``[B, N]`` slice, zeroed beforehand (split-K adds into it).  With
@@ -242,6 +283,10 @@ class DecodeLinear:
                                config=self.config, out=out, out_is_zeroed=True)
         if self.mode == "dense":
             return F.linear(x, self.w)
+        if self.mode == "ternary_k4":
+            q, s = x
+            return ternary_gemv_k4(q, s, self.p4, self.w_scale, skip_zeros=self.k is not None, config=self.config,
+                                   out=out, out_is_zeroed=True)
         if self.mode == "sparse":
             return sparse_gemv(x, self.wt, config=self.config, out=out, out_is_zeroed=True)
         q, s = x
@@ -257,8 +302,10 @@ class KernelDecoder:
     """
 
     def __init__(self, model, max_len: int, *, dense: bool = False, dtype: torch.dtype | None = None,
-                 configs: dict[str, GemvConfig] | None = None, gather: bool = True) -> None:
+                 configs: dict[str, GemvConfig] | None = None, gather: bool = True, radix: bool | None = None,
+                 ternary: str = "k4") -> None:
         m, sp = model.config, model.sparsity
+        self.radix = radix
         if m.moe is not None:
             raise ValueError("KernelDecoder supports dense-FFN models only (model.moe is set)")
         if getattr(m, "qkv_bias", False):
@@ -278,10 +325,10 @@ class KernelDecoder:
             self.layers.append({
                 "attn_norm": blk.attn_norm.weight.detach().float(),
                 "ffn_norm": blk.ffn_norm.weight.detach().float(),
-                "qkv": DecodeLinear(blk.attn.qkv.weight, recipes["qkv"], self.dtype, configs.get("qkv"), gather),
-                "out": DecodeLinear(blk.attn.out.weight, recipes["out"], self.dtype, configs.get("out"), gather),
-                "fc1": DecodeLinear(blk.ffn.fc1.weight, recipes["up"], self.dtype, configs.get("up"), gather),
-                "fc2": DecodeLinear(blk.ffn.fc2.weight, recipes["down"], self.dtype, configs.get("down"), gather),
+                "qkv": DecodeLinear(blk.attn.qkv.weight, recipes["qkv"], self.dtype, configs.get("qkv"), gather, ternary),
+                "out": DecodeLinear(blk.attn.out.weight, recipes["out"], self.dtype, configs.get("out"), gather, ternary),
+                "fc1": DecodeLinear(blk.ffn.fc1.weight, recipes["up"], self.dtype, configs.get("up"), gather, ternary),
+                "fc2": DecodeLinear(blk.ffn.fc2.weight, recipes["down"], self.dtype, configs.get("down"), gather, ternary),
             })
         nqkv = (self.nh + 2 * self.ng) * self.hd
         sizes = [nqkv, self.h, 2 * self.ffn, self.h]
@@ -308,9 +355,9 @@ class KernelDecoder:
         idx = self.idx_buf[: lin.k] if lin.gather else None
         if lin.quantized_input:
             q = self.q_buf[:, :d]
-            prologue(kw.pop("inp"), y, d=d, k=lin.k, q_out=(q, self.s_buf), idx_out=idx, **kw)
+            prologue(kw.pop("inp"), y, d=d, k=lin.k, q_out=(q, self.s_buf), idx_out=idx, radix=self.radix, **kw)
             return ((q[0, : lin.k] if lin.gather else q), self.s_buf), idx
-        prologue(kw.pop("inp"), y, d=d, k=lin.k, idx_out=idx, **kw)
+        prologue(kw.pop("inp"), y, d=d, k=lin.k, idx_out=idx, radix=self.radix, **kw)
         return (y[0, : lin.k] if lin.gather else y), idx
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
