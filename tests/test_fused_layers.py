@@ -1,4 +1,4 @@
-"""Fused training kernels (qsparse_dist.layers.fused / fused_glu) against the eager ops, and the
+"""Fused training kernels (qsparse_dist.layers.fused / qsparse_dist.kernels.glu) against the eager ops, and the
 once-per-optimizer-step BitNet weight cache of the megatron linears.
 
 The GLU kernel runs under the Triton interpreter on CPU (TRITON_INTERPRET=1) and natively on a GPU;
@@ -23,7 +23,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _eager_and_fused(name: str, dtype: torch.dtype, seed: int):
-    from qsparse_dist.layers.fused_glu import fused_glu
+    from qsparse_dist.kernels.glu import fused_glu
 
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(3, 5, 2 * 37, generator=g) * 2).to(dtype).to(DEV)
@@ -59,7 +59,7 @@ def test_fused_swiglu_close_to_eager(dtype):
 
 @needs_triton
 def test_fused_glu_bad_input_names_the_problem():
-    from qsparse_dist.layers.fused_glu import fused_glu
+    from qsparse_dist.kernels.glu import fused_glu
 
     with pytest.raises(ValueError, match="fused gate/up dim must be even"):
         fused_glu(torch.ones(2, 5, device=DEV), "relu2glu")

@@ -12,8 +12,8 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
 
-from qsparse_dist.infer.kernels.gemv import GemvConfig, gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
-from qsparse_dist.infer.kernels.topk import (  # noqa: E402
+from qsparse_dist.kernels.gemv import GemvConfig, gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
+from qsparse_dist.kernels.topk import (  # noqa: E402
     quantize_rows_int8,
     topk_mask_triton,
     topk_rows,
@@ -60,7 +60,7 @@ def test_topk_mask_identical_to_reference_with_ties(dtype, sparsity, torch_ops):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_two_bit_radix_steps_same_mask(dtype, monkeypatch, torch_ops):
-    import qsparse_dist.infer.kernels.topk as tk
+    import qsparse_dist.kernels.topk as tk
 
     x = _x(3, 41, dtype, seed=9)
     for two in (True, False):
@@ -117,7 +117,7 @@ def test_quantize_rows_int8_matches_quantizer(torch_ops):
 
 def test_ops_dispatch_uses_kernels(monkeypatch):
     """The ops hooks call the kernels (forced on CPU with QSPARSE_TRITON=1) and agree with torch."""
-    import qsparse_dist.infer.kernels.topk as tk
+    import qsparse_dist.kernels.topk as tk
 
     calls = []
     orig = tk._TopKSTE.apply
@@ -134,6 +134,26 @@ def test_ops_dispatch_uses_kernels(monkeypatch):
     assert torch.equal(topk_mask(x, 0.5), ref_mask)
     got.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))  # STE through mask and quant
+
+
+def test_ops_never_import_the_kernels_they_register_instead():
+    """``import qsparse_dist.ops`` alone loads no kernel code and dispatches nothing (the torch path);
+    ``import qsparse_dist.layers`` (every model) registers the kernels into ``ops.dispatch``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from qsparse_dist.ops import dispatch, topk_sparsify\n"
+        "x = torch.randn(2, 8)\n"
+        "print(any(m.startswith(('qsparse_dist.kernels', 'qsparse_dist.infer')) for m in sys.modules),"
+        " dispatch.triton_kernels_for(x))\n"
+        "import qsparse_dist.layers\n"
+        "print('qsparse_dist.kernels' in sys.modules, dispatch.triton_kernels_for(x))\n"
+    )
+    env = {**os.environ, "QSPARSE_TRITON": "1", "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "True", "True"], out.stdout + out.stderr
 
 
 CFGS = [GemvConfig(block_n=16, block_k=16, split_k=1), GemvConfig(block_n=32, block_k=16, split_k=3)]
@@ -234,8 +254,8 @@ def test_kernel_decoder_matches_reference_model(case, torch_ops):
     """Graph-capturable decode step (prologue + GEMV + RoPE/cache + attention kernels) vs the
     reference model's KV-cache forward, float32, for every selection / GEMV variant."""
     from qsparse_dist.config.schema import ModelConfig, SparsityConfig
+    from qsparse_dist.infer.backends.decoder import KernelDecoder
     from qsparse_dist.infer.cuda_graph import GraphedStep
-    from qsparse_dist.infer.kernels.decoder import KernelDecoder
     from qsparse_dist.model.reference import QSparseGPT
 
     kind, opts = DECODER_CASES[case]
@@ -259,7 +279,7 @@ def test_kernel_decoder_matches_reference_model(case, torch_ops):
 def test_radix_select_identical_to_reference_with_ties(dtype, d, sparsity, torch_ops):
     """8-bit-digit radix select (decode prologue): same mask as the torch top-K, ties included,
     rows not a power of two."""
-    from qsparse_dist.infer.kernels.select import radix_topk_mask
+    from qsparse_dist.kernels.select import radix_topk_mask
     from qsparse_dist.ops import kept_count
 
     x = _x(3, d, dtype, seed=d)
@@ -268,7 +288,7 @@ def test_radix_select_identical_to_reference_with_ties(dtype, d, sparsity, torch
 
 def test_radix_select_wide_row_fp32_and_mass_ties(torch_ops):
     """The 8B FFN width (14336 = 16384 padded): fp32 keys (4 passes) and a row of mass ties."""
-    from qsparse_dist.infer.kernels.select import radix_topk_mask
+    from qsparse_dist.kernels.select import radix_topk_mask
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 14336, generator=g)
@@ -282,7 +302,7 @@ def test_radix_select_wide_row_fp32_and_mass_ties(torch_ops):
 @pytest.mark.parametrize("skip", [True, False])
 def test_ternary_k4_gemv(cfg, skip, torch_ops):
     """dp4a ternary GEMV on the export's row-packed codes (transposed) vs the int64 reference."""
-    from qsparse_dist.infer.kernels.ternary_dp4a import pack_k4, ternary_gemv_k4
+    from qsparse_dist.kernels.ternary_dp4a import pack_k4, ternary_gemv_k4
 
     k, n = 72, 40
     g = torch.Generator().manual_seed(5)
@@ -305,7 +325,7 @@ def test_prologue_glu_activation_bit_identical_to_reference(act, torch_ops):
     one ulp apart, fc2's top-K broke those ties differently and the flips compounded (a 16-layer
     width-256 model: 0.32 relative before, 2.9e-7 after).  The fused activation must equal the
     reference bit for bit."""
-    from qsparse_dist.infer.kernels.decoder import prologue
+    from qsparse_dist.kernels.decoder import prologue
     from qsparse_dist.ops.activations import GLU_ACTIVATIONS
 
     g = torch.Generator().manual_seed(11)
@@ -323,7 +343,7 @@ def test_projection_alone_matches_reference_fp32(torch_ops):
     with the reference to rounding, at a width padded to the next power of two: the check that
     localized issue 16's fp32 bitnet_qsparse gap to top-K tie-breaking (tools/decode_parity.py runs
     it on the real shapes)."""
-    from qsparse_dist.infer.kernels.decoder import DecodeLinear, prologue
+    from qsparse_dist.kernels.decoder import DecodeLinear, prologue
     from qsparse_dist.ops import LinearRecipe
 
     g = torch.Generator().manual_seed(7)

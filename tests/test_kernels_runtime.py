@@ -1,4 +1,4 @@
-"""The runtime's kernel backend (``make_decode_linear``) decodes exactly like the torch backend.
+"""The runtime's kernel backend (``infer.backends.kernels.make_linear``) decodes exactly like the torch backend.
 
 Runs the Triton GEMVs on the CPU under ``TRITON_INTERPRET=1`` with ``QSPARSE_TRITON=1`` (the switch
 that lets the dispatch take CPU tensors); on a GPU the same path runs natively.
@@ -16,8 +16,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 on the CPU (tests/run.sh sets it)", allow_module_level=True)
 
 from qsparse_dist.export import export_hf, load_checkpoint  # noqa: E402
+from qsparse_dist.infer.backends.kernels import KernelLinear  # noqa: E402
 from qsparse_dist.infer.generate import generate_ids  # noqa: E402
-from qsparse_dist.infer.kernels.decode_linear import KernelLinear  # noqa: E402
 from qsparse_dist.infer.runtime import load_model  # noqa: E402
 from tests.export_fixtures import make_checkpoint, make_config  # noqa: E402
 

@@ -100,7 +100,7 @@ def test_invalid_layouts_name_the_setting(bad, message):
 
 
 def test_world_and_megatron_checks_name_the_setting():
-    from qsparse_dist.model.megatron_gpt import validate_megatron_config
+    from qsparse_dist.model.megatron.gpt import validate_megatron_config
     from qsparse_dist.parallel import validate_world
 
     with pytest.raises(ValueError, match=r"parallel\.tp=2 × parallel\.pp=2"):

@@ -20,7 +20,7 @@ import torch
 def graph_time_ms(fn, iters: int = 30, warmup: int = 3) -> float:
     """Median ms of one call of ``fn`` replayed from a CUDA graph (the package's timer, also used by
     the kernel autotuner, so benchmarks and tuning measure alike)."""
-    from qsparse_dist.infer.kernels.tune import time_graph_ms
+    from qsparse_dist.kernels.tune import time_graph_ms
 
     return time_graph_ms(fn, iters=iters, warmup=warmup)
 

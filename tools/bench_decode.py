@@ -3,7 +3,7 @@
 Builds :class:`qsparse_dist.model.reference.QSparseGPT` with random weights at a preset shape
 (``1b``: TinyLlama-like, hidden 2048, 22 layers, FFN 5632, 32/4 heads; ``8b``: Llama-3-8B-like,
 hidden 4096, 32 layers, FFN 14336, 32/8 heads; vocab 32000), wraps it in
-:class:`~qsparse_dist.infer.kernels.decoder.KernelDecoder`, captures one decode step in a CUDA graph and
+:class:`~qsparse_dist.infer.backends.decoder.KernelDecoder`, captures one decode step in a CUDA graph and
 times ``--tokens`` steps.  Before timing, fp32 parity of every kind against the reference model is
 checked (``--parity-layers`` layers at the same widths; ``tools/decode_parity.py`` says how).
 
@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _bench_common import copy_bandwidth_gbs, env_info, graph_time_ms, print_table, write_json  # noqa: E402
 from decode_parity import PRESETS, diagnose, model_config, sparsity_config  # noqa: E402
 
-import qsparse_dist.infer.kernels.decoder as decoder_mod  # noqa: E402
+import qsparse_dist.kernels.decoder as decoder_mod  # noqa: E402
+from qsparse_dist.infer.backends.decoder import KernelDecoder  # noqa: E402
 from qsparse_dist.infer.cuda_graph import GraphedStep  # noqa: E402
-from qsparse_dist.infer.kernels.decoder import KernelDecoder, prologue  # noqa: E402
-from qsparse_dist.infer.kernels.gemv import default_config, gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
-from qsparse_dist.infer.kernels.ternary_dp4a import default_k4_config, pack_k4, ternary_gemv_k4  # noqa: E402
+from qsparse_dist.kernels.decoder import prologue  # noqa: E402
+from qsparse_dist.kernels.gemv import default_config, gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
+from qsparse_dist.kernels.ternary_dp4a import default_k4_config, pack_k4, ternary_gemv_k4  # noqa: E402
 from qsparse_dist.model.reference import QSparseGPT  # noqa: E402
 from qsparse_dist.ops import kept_count, pack_ternary  # noqa: E402
 
@@ -66,9 +67,11 @@ def decode_tokens_per_s(dec: KernelDecoder, n_tokens: int) -> float:
 
 
 def proj_shapes(m) -> dict[str, tuple[int, int]]:
-    nqkv = (m.num_attention_heads + 2 * m.query_groups) * m.head_dim
-    return {"qkv": (m.hidden_size, nqkv), "out": (m.num_attention_heads * m.head_dim, m.hidden_size),
-            "fc1": (m.hidden_size, 2 * m.ffn_size), "fc2": (m.ffn_size, m.hidden_size)}
+    """``(in, out)`` of each projection, from the model's one projection table."""
+    from qsparse_dist.config.shapes import projection_table
+
+    return {p.reference.rsplit(".", 1)[-1] if p.name in ("up", "down") else p.name: (p.in_features, p.out_features)
+            for p in projection_table(m).values()}
 
 
 def bytes_per_token(m, kind: str, sp: float, pos: int) -> float:

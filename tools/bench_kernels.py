@@ -31,9 +31,9 @@ from _bench_common import (  # noqa: E402
     write_json,
 )
 
-from qsparse_dist.infer.kernels.gemv import gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
-from qsparse_dist.infer.kernels.topk import quantize_rows_int8, topk_rows  # noqa: E402
-from qsparse_dist.infer.kernels.tune import SPARSE_TILES, TERNARY_TILES, candidate_configs  # noqa: E402
+from qsparse_dist.kernels.gemv import gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
+from qsparse_dist.kernels.topk import quantize_rows_int8, topk_rows  # noqa: E402
+from qsparse_dist.kernels.tune import SPARSE_TILES, TERNARY_TILES, candidate_configs  # noqa: E402
 from qsparse_dist.ops import kept_count, pack_ternary, topk_sparsify  # noqa: E402
 
 SHAPES = {  # name: (K in, N out); the ~1B model's projections, then larger squares
@@ -271,7 +271,7 @@ def bench_train_topk(args):
             refq = fake_quant_activation_int8(ref)
             row["torch_fwd_quant_ms"] = eager_time_ms(
                 lambda: fake_quant_activation_int8(topk_sparsify(x, 0.5, block_size=block)))
-        from qsparse_dist.infer.kernels.topk import topk_sparsify_triton
+        from qsparse_dist.kernels.topk import topk_sparsify_triton
 
         y = topk_sparsify_triton(x, 0.5, block_size=block)
         yq = topk_sparsify_triton(x, 0.5, block_size=block, quantize=True)
@@ -281,7 +281,7 @@ def bench_train_topk(args):
             xc = x.detach().cpu()
             refq_cpu = fake_quant_activation_int8(topk_sparsify(xc, 0.5, block_size=block))
         row["quant_identical_vs_cpu_torch"] = bool(torch.equal(yq.cpu(), refq_cpu))
-        import qsparse_dist.infer.kernels.topk as tk
+        import qsparse_dist.kernels.topk as tk
 
         tk.TWO_BITS_OVERRIDE = True
         assert torch.equal(topk_sparsify_triton(x, 0.5, block_size=block), ref)
@@ -299,7 +299,7 @@ def bench_train_topk(args):
 
 def bench_row_topk(args):
     """Latency of the top-K selection on one token row (decode), 1-bit vs 2-bit radix steps."""
-    import qsparse_dist.infer.kernels.topk as tk
+    import qsparse_dist.kernels.topk as tk
 
     rows = []
     for d in (2048, 5632, 8192):

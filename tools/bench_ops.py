@@ -14,7 +14,7 @@ Variants (activation ``x [tokens, features]``, weight ``w [features, features]``
     prepare_bitnet_qsparse ``LinearRecipe("bitnet_qsparse", s).prepare_input(x)`` (top-K then int8)
 
 On CUDA the ops dispatch the top-K variants (``sparsify_*``, ``block_nm``, ``prepare_*``) to the fused
-Triton kernels of ``qsparse_dist.infer.kernels`` (``qsparse_dist.ops.dispatch``); the table's ``path``
+Triton kernels of ``qsparse_dist.kernels`` (registered into ``qsparse_dist.ops.dispatch``); the table's ``path``
 column says which code ran, and ``--torch-only`` (``QSPARSE_TRITON=0``) times the torch reference.
 
 Forward only, under ``torch.no_grad()``.  CUDA: CUDA events, ``--warmup`` untimed calls, median of
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import qsparse_dist.kernels  # noqa: F401  registers the Triton kernels the ops dispatch to (ops.dispatch)
 from qsparse_dist.ops import (
     LinearRecipe,
     fake_quant_activation_int8,

@@ -132,7 +132,7 @@ def kernel_logits(dec, token: int, record: list | None = None):
 
 def per_projection(dec, model, inputs: list) -> list[float]:
     """Each projection alone on the reference input: kernel prologue(select[, int8]) + GEMV."""
-    from qsparse_dist.infer.kernels.decoder import prologue
+    from qsparse_dist.kernels.decoder import prologue
 
     out, it = [], iter(inputs)
     for lay, mod in zip((lay[p] for lay in dec.layers for p in PROJ), _linears(model)):
@@ -189,7 +189,7 @@ def diagnose(model, dec, token: int = 17) -> dict:
 
 
 def main(argv=None) -> int:
-    from qsparse_dist.infer.kernels.decoder import KernelDecoder
+    from qsparse_dist.infer.backends.decoder import KernelDecoder
     from qsparse_dist.model.reference import QSparseGPT
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -5,8 +5,9 @@ A run directory (``train.run_dir``) holds ``metrics.jsonl`` (one JSON object per
 resolved run config, either as ``config.yaml`` at its top or inside its checkpoints
 (``checkpoints/latest`` → ``checkpoints/step_*/config.yaml``, ``qsparse_dist.train.checkpoint``).
 
-``N`` = non-embedding parameters (:func:`count_params`: norms, attention, FFN/MoE incl. the router;
-not the token embedding nor the LM head), as in the paper's scaling law.  ``S`` = the overall
+``N`` = non-embedding parameters (:func:`~qsparse_dist.config.shapes.count_params`, re-exported here:
+norms, attention, FFN/MoE incl. the router; not the token embedding nor the LM head), as in the paper's
+scaling law.  ``S`` = the overall
 activation sparsity (:func:`overall_sparsity`): each projection's effective sparsity (after the
 ``kept_count`` rounding, per N:M block for Block Q-Sparse) weighted by that projection's weight count.
 """
@@ -20,55 +21,23 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
 from ..config.schema import PROJECTIONS, ModelConfig, SparsityConfig
+from ..config.shapes import count_params, projection_params, projection_table
 from ..ops import kept_count
 
 __all__ = ["RunPoint", "count_params", "projection_params", "projection_sparsity", "overall_sparsity",
            "find_run_config", "read_metrics", "load_run", "load_runs", "discover_runs", "precision_of"]
 
 
-def projection_params(m: ModelConfig) -> dict[str, int]:
-    """Weight count of each sparsified projection over all layers (MoE: all experts)."""
-    h, hd, nh, ng, n_layers = m.hidden_size, m.head_dim, m.num_attention_heads, m.query_groups, m.num_layers
-    if m.moe is None:
-        ffn, copies = m.ffn_size, 1
-    else:
-        ffn, copies = m.moe.ffn_hidden_size or m.ffn_size, m.moe.num_experts
-    return {
-        "qkv": n_layers * h * (nh + 2 * ng) * hd,
-        "out": n_layers * nh * hd * h,
-        "up": n_layers * copies * 2 * ffn * h,
-        "down": n_layers * copies * ffn * h,
-    }
-
-
-def count_params(m: ModelConfig) -> int:
-    """Non-embedding parameters of the reference model (``qsparse_dist.model.reference``)."""
-    h, n_layers = m.hidden_size, m.num_layers
-    n = sum(projection_params(m).values())
-    n += n_layers * 2 * h + h  # attn_norm + ffn_norm per layer, final_norm
-    if m.qkv_bias:
-        n += n_layers * (m.num_attention_heads + 2 * m.query_groups) * m.head_dim
-    if m.moe is not None:
-        n += n_layers * m.moe.num_experts * h  # router
-    return n
-
-
-def _input_dim(m: ModelConfig, proj: str) -> int:
-    ffn = m.ffn_size if m.moe is None else (m.moe.ffn_hidden_size or m.ffn_size)
-    return {"qkv": m.hidden_size, "out": m.num_attention_heads * m.head_dim, "up": m.hidden_size,
-            "down": ffn}[proj]
-
-
 def projection_sparsity(m: ModelConfig, s: SparsityConfig) -> dict[str, float]:
     """Fraction of each projection's input features that top-K drops, after rounding
     (``1 − k/d`` with ``k = kept_count(d, s)``, ``d`` = the block size for N:M); 0 without top-K."""
-    out = {}
+    out, table = {}, projection_table(m)
     for proj in PROJECTIONS:
         recipe = s.recipe(proj)
         if not recipe.uses_topk:
             out[proj] = 0.0
             continue
-        d = recipe.block_size or _input_dim(m, proj)
+        d = recipe.block_size or table[proj].in_features
         out[proj] = 1.0 - kept_count(d, recipe.sparsity, name=f"sparsity.{proj}") / d
     return out
 

@@ -16,7 +16,7 @@ measured failure (``/work/shared/feasibility``, probes t1–t4):
 
 The Transformer-Engine names are not a CPU shim: :func:`qsparse_dist.compat.prepare_megatron`
 defines them whenever Transformer Engine is absent.  Not shims either (model settings, see
-:func:`qsparse_dist.model.megatron_gpt.transformer_config_from`): fusions off,
+:func:`qsparse_dist.model.megatron.gpt.transformer_config_from`): fusions off,
 ``use_cpu_initialization=True``, dropout 0, the sequence-parallel-aware RMSNorm.  Activation
 recompute is not shimmed (its checkpoint code reads the CUDA RNG state).
 """

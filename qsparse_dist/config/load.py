@@ -13,13 +13,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .errors import ConfigError
 from .schema import RunConfig
 
 __all__ = ["ConfigError", "load_config", "parse_overrides", "config_from_dict", "dump_config"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the field(s)."""
 
 
 def _format_validation_error(err: ValidationError) -> str:

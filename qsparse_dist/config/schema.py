@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..ops.linear import LINEAR_KINDS, LinearRecipe
+from ..ops.linear import LinearRecipe
+from . import rules
 
 __all__ = [
     "ModelConfig",
@@ -47,10 +48,7 @@ class MoEConfig(_Section):
 
     @model_validator(mode="after")
     def _topk_le_experts(self) -> MoEConfig:
-        if self.router_topk > self.num_experts:
-            raise ValueError(
-                f"router_topk={self.router_topk} exceeds num_experts={self.num_experts}"
-            )
+        rules.check_moe(self)
         return self
 
 
@@ -72,16 +70,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                f"{self.num_attention_heads}"
-            )
-        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_query_groups={self.num_query_groups}"
-            )
+        rules.check_model_shapes(self)
         return self
 
     @property
@@ -118,14 +107,7 @@ class SparsityConfig(_Section):
 
     @model_validator(mode="after")
     def _kind(self) -> SparsityConfig:
-        assert self.linear in LINEAR_KINDS
-        if self.linear == "block_qsparse" and self.block_size is None:
-            raise ValueError("block_size is required when linear='block_qsparse'")
-        if self.block_size is not None and self.linear not in ("block_qsparse", "bitnet_qsparse"):
-            raise ValueError(
-                f"block_size is only valid with linear='block_qsparse' or 'bitnet_qsparse', "
-                f"not {self.linear!r}"
-            )
+        rules.check_sparsity(self)
         return self
 
     def recipe(self, projection: str) -> LinearRecipe:
@@ -158,8 +140,7 @@ class ParallelConfig(_Section):
 
     @model_validator(mode="after")
     def _sp(self) -> ParallelConfig:
-        if self.sp and self.tp == 1:
-            raise ValueError("sp=true needs tp > 1")
+        rules.check_sequence_parallel(self)
         return self
 
 
@@ -252,31 +233,5 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _parallel_fits_model(self) -> RunConfig:
-        m, p, s = self.model, self.parallel, self.sparsity
-        checks = [
-            (m.num_attention_heads % p.tp == 0, "parallel.tp", f"num_attention_heads={m.num_attention_heads}"),
-            (m.query_groups % p.tp == 0, "parallel.tp", f"num_query_groups={m.query_groups}"),
-            (m.ffn_size % p.tp == 0, "parallel.tp", f"ffn_hidden_size={m.ffn_size}"),
-            (m.num_layers % p.pp == 0, "parallel.pp", f"num_layers={m.num_layers}"),
-        ]
-        for ok, field, what in checks:
-            if not ok:
-                raise ValueError(f"{field}={getattr(p, field.split('.')[1])} does not divide {what}")
-        if p.ep > 1 and m.moe is None:
-            raise ValueError("parallel.ep > 1 needs model.moe (a mixture-of-experts FFN)")
-        if m.moe is not None and m.moe.num_experts % p.ep:
-            raise ValueError(
-                f"parallel.ep={p.ep} does not divide model.moe.num_experts={m.moe.num_experts}"
-            )
-        if s.block_size is not None:
-            shards = {
-                "hidden_size": m.hidden_size,
-                "attention output (hidden_size / tp)": m.hidden_size // p.tp,
-                "ffn_hidden_size / tp": m.ffn_size // p.tp,
-            }
-            for what, dim in shards.items():
-                if dim % s.block_size:
-                    raise ValueError(f"sparsity.block_size={s.block_size} does not divide {what}={dim}")
-        if p.sp and m.seq_length % p.tp:
-            raise ValueError(f"parallel.sp needs model.seq_length={m.seq_length} divisible by tp={p.tp}")
+        rules.check_parallel_fits_model(self)  # every cross-field rule lives in config.rules
         return self

@@ -14,11 +14,13 @@ template: ``[bos] prompt response [eos]`` (loss on ``response [eos]``), and mess
 ``"{role}: {content}\\n"`` with loss on assistant contents and a final ``eos``.
 
 Rows.  Each example of ``L`` tokens gives ``L-1`` positions ``(input=t[j], label=t[j+1],
-loss_mask=trained[j+1])``; the loss is ``Σ mask·CE / Σ mask`` (:func:`masked_lm_loss`), so prompt
+loss_mask=trained[j+1])``; the loss is ``Σ mask·CE / Σ mask``
+(:func:`qsparse_dist.model.sft_loss.masked_lm_loss`), so prompt
 tokens contribute exactly nothing.  With ``pack=True`` examples are concatenated greedily into rows
 of ``seq_length`` positions; ``doc_ids`` numbers the examples of a row (-1 = padding) and
 ``position_ids`` restarts at 0 for each.  Cross-example attention is prevented by the block-diagonal
-causal mask :func:`packed_attention_mask` (``True`` = masked, megatron-core's convention), which
+causal mask :func:`qsparse_dist.model.masks.packed_attention_mask` (``True`` = masked, megatron-core's
+convention), which
 megatron-core's local ``DotProductAttention`` applies as given.  RoPE needs no position reset under
 that mask: scores depend only on ``q_pos − k_pos`` inside an example.  An attention backend that only
 does plain causal attention (no arbitrary mask, e.g. a causal-only flash kernel) must use
@@ -34,7 +36,7 @@ Output directory (read by :class:`SFTDataset`)::
 
 Prepare with ``python -m qsparse_dist.data.sft --input data.jsonl --tokenizer DIR --out DIR``; train
 with ``qsparse-dist train ... data.path=DIR`` (the loop recognizes ``sft.json``, feeds
-:class:`SFTDataset` rows and uses :func:`megatron_sft_loss`; PP = 1).
+:class:`SFTDataset` rows and uses :func:`qsparse_dist.model.sft_loss.megatron_sft_loss`; PP = 1).
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+# the mask and the loss live with the model (moved in issue 15); importable from here as before
+from ..model.masks import packed_attention_mask
+from ..model.sft_loss import masked_lm_loss, megatron_sft_loss
 from .sources import DataError
 
 __all__ = [
@@ -260,39 +264,6 @@ def pack_examples(examples: Iterable[SFTExample], seq_length: int, pad_id: int =
             out[f][i, n:] = pad[f]
     stats["rows"] = len(rows)
     return out, stats
-
-
-def packed_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, S]`` document ids → ``[B, 1, S, S]`` bool mask, ``True`` where attention is *forbidden*:
-    a query attends to earlier-or-same positions of its own document only (padding, id -1, forms
-    its own causal block, so no row is fully masked)."""
-    if doc_ids.dim() != 2:
-        raise ValueError(f"doc_ids must be [batch, seq], got shape {tuple(doc_ids.shape)}")
-    s = doc_ids.shape[1]
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    return ~(same & causal)[:, None]
-
-
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """``Σ mask·CE(logits, labels) / Σ mask`` over all positions of the batch."""
-    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten().long(), reduction="none")
-    m = loss_mask.flatten().to(ce.dtype)
-    return (ce * m).sum() / m.sum().clamp_min(1.0)
-
-
-def megatron_sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """SFT loss of one micro-batch through a megatron-core ``GPTModel`` (one pipeline stage holding
-    the whole model): the packed rows run with :func:`packed_attention_mask` and the per-token loss is
-    reduced with the loss mask (:func:`masked_lm_loss`'s formula).  Under TP the returned scalar is
-    the same on every TP rank (megatron's vocab-parallel cross-entropy)."""
-    tokens, labels = batch["tokens"].long(), batch["labels"].long()
-    mask = batch.get("attention_mask")
-    mask = packed_attention_mask(batch["doc_ids"]) if mask is None else (mask if mask.dim() == 4 else mask[:, None])
-    pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    per_token = model(tokens, pos, mask, labels=labels).float()
-    m = batch["loss_mask"].to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------- files

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config.shapes import ffn_width
 from .consolidated import Consolidated
 from .errors import ExportError, UnsupportedExportError
 from .layout import ModelKind, model_kind
@@ -89,7 +90,7 @@ def llama_unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _gguf_tensors(ckpt: Consolidated, plan: GGUFPlan) -> dict[str, tuple[np.ndarray, str]]:
     """GGUF name → (float32 array in numpy [out, in] order, type)."""
-    from ..ops import LinearRecipe, quantize_weight_ternary
+    from ..ops import LinearRecipe, pack_ternary_weight
 
     m, s = ckpt.config.model, ckpt.config.sparsity
     sd = ckpt.state_dict
@@ -102,8 +103,7 @@ def _gguf_tensors(ckpt: Consolidated, plan: GGUFPlan) -> dict[str, tuple[np.ndar
         """The weight the model multiplies with (BitNet: the de-quantized ternary s·W_q)."""
         if not ternary:
             return w.float()
-        w_q, scale = quantize_weight_ternary(w.float())
-        return w_q.float() * scale
+        return pack_ternary_weight(w.float()).dequantize()  # the ops' one ternary-code rule
 
     def arr(t: torch.Tensor) -> np.ndarray:
         return t.detach().float().cpu().numpy()
@@ -225,7 +225,7 @@ def export_gguf(
     w.add_context_length(m.seq_length)
     w.add_embedding_length(m.hidden_size)
     w.add_block_count(m.num_layers)
-    w.add_feed_forward_length(m.ffn_size if m.moe is None else (m.moe.ffn_hidden_size or m.ffn_size))
+    w.add_feed_forward_length(ffn_width(m))
     w.add_head_count(m.num_attention_heads)
     w.add_head_count_kv(m.query_groups)
     w.add_rope_dimension_count(m.head_dim)
@@ -235,7 +235,7 @@ def export_gguf(
     if m.moe is not None:
         w.add_expert_count(m.moe.num_experts)
         w.add_expert_used_count(m.moe.router_topk)
-        w.add_expert_feed_forward_length(m.moe.ffn_hidden_size or m.ffn_size)
+        w.add_expert_feed_forward_length(ffn_width(m))
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0}[plan.qtype]

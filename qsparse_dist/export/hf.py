@@ -33,7 +33,7 @@ import torch
 from ..config import dump_config
 from .consolidated import Consolidated
 from .errors import ExportError, UnsupportedExportError
-from .hf_mapping import HF_ACT, hf_config_dict, reference_to_hf
+from .hf_mapping import HF_ACT, TERNARY_PROJECTIONS, hf_config_dict, reference_to_hf
 from .layout import ModelKind, model_kind
 
 __all__ = ["export_hf", "choose_hf_arch", "parse_dtype", "HFExport", "REMOTE_DIR", "OPS_DIR"]
@@ -99,37 +99,11 @@ def _remote_sources() -> dict[str, Path]:
 _OUTER_IMPORT = re.compile(r"^([ \t]*)from[ \t]+(\.\.[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n]+)", re.MULTILINE)
 
 
-def rewrite_outer_relative_imports(text: str) -> str:
-    """Transitional, for ``ops`` files only: rewrite ``from ..pkg.mod import a, b as c`` (the ops'
-    lazy imports of the Triton kernels under ``qsparse_dist/infer/kernels``) as the equivalent
-    ``importlib.import_module("..pkg.mod", __package__)``.  A no-op once ``ops`` stops importing
-    upward (issue 15: kernels register into ``ops.dispatch``) — then delete it.
-
-    Same semantics inside ``qsparse_dist``; in an export directory the target does not exist and the
-    dispatch guard (``except ImportError``) keeps the torch path.  Needed because transformers' remote
-    code loader treats every ``from .x import`` line as a sibling file ``x.py`` it must copy, and fails
-    on ``from ..x``.  Nothing else in the copied sources changes."""
-
-    def repl(mt: re.Match) -> str:
-        indent, mod = mt.group(1), mt.group(2)
-        names = " ".join(line.split("#", 1)[0] for line in mt.group(3).splitlines()).strip().strip("()")
-        lines = [f'{indent}_m = __import__("importlib").import_module("{mod}", __package__)']
-        for item in (n.strip() for n in names.split(",")):
-            if item:
-                name, _, alias = item.partition(" as ")
-                lines.append(f"{indent}{(alias or name).strip()} = _m.{name.strip()}")
-        return "\n".join(lines)
-
-    return _OUTER_IMPORT.sub(repl, text)
-
-
 def _shipped_text(src: Path) -> str:
-    """The source of one remote-code file as written into the export: the remote code and the shared
-    blocks verbatim (refused if they reach outside the export directory), ops files see
-    :func:`rewrite_outer_relative_imports`."""
+    """The source of one remote-code file as written into the export: a plain copy (the remote code,
+    the shared blocks and the ops), refused if it reaches outside the export directory (``ops`` never
+    imports upward: the Triton kernels register into ``ops.dispatch`` instead)."""
     text = src.read_text(encoding="utf-8")
-    if src.parent == OPS_DIR:
-        return rewrite_outer_relative_imports(text)
     if _OUTER_IMPORT.search(text):
         raise ExportError(f"{src}: remote code must import only its siblings (from .x import), not from ..")
     return text
@@ -204,7 +178,7 @@ def export_hf(
     sd = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
     if pack_ternary:  # quantize from the full-precision weights, not from a down-cast copy
         full = ckpt.state_dict
-        sd = {k: (full[k] if re.search(r"(attn\.qkv|attn\.out|fc1|fc2)\.weight$", k) else v) for k, v in sd.items()}
+        sd = {k: (full[k] if TERNARY_PROJECTIONS.search(k) else v) for k, v in sd.items()}
     tensors = reference_to_hf(sd, m, arch, packed=pack_ternary)
     files = _save_weights(tensors, out, max_shard_size)
 

@@ -1,6 +1,7 @@
-"""Inference: runtime (:mod:`.runtime`: load an HF export, sparse linear path, kernel hook), decoding
-(:mod:`.generate`, :mod:`.sampling`), decode kernels (``qsparse_dist.infer.kernels``) and CUDA-graph
-helpers.  Names are imported lazily so that ``import qsparse_dist.infer.kernels`` stays light."""
+"""Inference: runtime (:mod:`.runtime`: load an HF export, pick a linear backend), the backends
+(:mod:`.backends`: ``torch``, ``kernels`` over the Triton GEMVs of ``qsparse_dist.kernels``, and the
+fused batch-1 ``KernelDecoder``), decoding (:mod:`.generate`, :mod:`.sampling`) and CUDA-graph helpers.
+Names are imported lazily so that importing a submodule stays light."""
 
 from __future__ import annotations
 

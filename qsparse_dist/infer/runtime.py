@@ -10,27 +10,28 @@ KV-cache forward the decoder uses — with every projection replaced by an infer
   quantization of the input from :mod:`qsparse_dist.ops`, with ``W_eff`` the weight the training
   forward multiplies with, computed ONCE at load (BitNet: ``s · W_q``, from the packed codes when the
   export is packed) instead of re-quantized at every call;
-* a **kernel hook**: a backend is a factory ``(recipe, W_eff, bias, packed) -> nn.Module | None``.
-  ``torch`` (above) is always there; ``kernels`` asks ``qsparse_dist.infer.kernels.make_decode_linear``
-  (provided by the GPU-kernels work; e.g. sparse GEMV over the kept features, 2-bit ternary GEMV) and
-  falls back to ``torch`` for any projection it returns ``None`` for.  :func:`register_linear_backend`
-  adds others.  ``backend="auto"`` = ``kernels`` on CUDA when that function exists, else ``torch``.
+* a **backend** per projection, chosen from the registry of :mod:`.backends`: a factory
+  ``(recipe, W_eff, bias, packed) -> nn.Module | None``.  ``torch`` (:mod:`.backends.torch_backend`,
+  above) is always there; ``kernels`` (:mod:`.backends.kernels`: sparse GEMV over the kept features,
+  2-bit ternary GEMV, from :mod:`qsparse_dist.kernels`) falls back to ``torch`` for any projection it
+  returns ``None`` for.  :func:`register_linear_backend` adds others.  ``backend="auto"`` = ``kernels``
+  on CUDA when Triton is installed, else ``torch``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config.schema import ModelConfig, SparsityConfig
 from ..export.errors import ExportError
-from ..ops import LinearRecipe, PackedTernary, zero_fraction
+from ..ops import PackedTernary
+from .backends import LINEAR_BACKENDS, auto_backend, register_linear_backend, torch_linear
+from .backends.torch_backend import InferenceLinear
 
 __all__ = [
     "InferenceLinear",
@@ -40,64 +41,6 @@ __all__ = [
     "LINEAR_BACKENDS",
     "read_hf_weights",
 ]
-
-LinearFactory = Callable[[LinearRecipe, torch.Tensor, "torch.Tensor | None", "PackedTernary | None"], "nn.Module | None"]
-
-
-class InferenceLinear(nn.Module):
-    """``F.linear(recipe.prepare_input(x), weight, bias)`` with the effective weight precomputed.
-
-    With ``track_sparsity`` the zero fraction of each call's (sparsified) input is accumulated in
-    ``zero_sum / calls`` — the measured activation sparsity of the decode."""
-
-    def __init__(self, recipe: LinearRecipe, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.recipe = recipe
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.track_sparsity = False
-        self.zero_sum, self.calls = 0.0, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_in = self.recipe.prepare_input(x)
-        if self.track_sparsity:
-            self.zero_sum += float(zero_fraction(x_in))
-            self.calls += 1
-        return F.linear(x_in, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        r = self.recipe
-        return f"out={self.weight.shape[0]}, in={self.weight.shape[1]}, kind={r.kind}, sparsity={r.sparsity}"
-
-
-def _torch_backend(recipe, weight, bias, packed):
-    return InferenceLinear(recipe, weight, bias)
-
-
-def _kernels_backend(recipe, weight, bias, packed):
-    from . import kernels
-
-    make = getattr(kernels, "make_decode_linear", None)
-    return make(recipe, weight, bias, packed) if make is not None else None
-
-
-LINEAR_BACKENDS: dict[str, LinearFactory] = {"torch": _torch_backend, "kernels": _kernels_backend}
-
-
-def register_linear_backend(name: str, factory: LinearFactory) -> None:
-    """Add a backend: ``factory(recipe, W_eff, bias, packed)`` returns a module computing
-    ``F.linear(recipe.prepare_input(x), W_eff, bias)`` (or ``None`` to decline that projection)."""
-    LINEAR_BACKENDS[name] = factory
-
-
-def _auto_backend(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "torch"
-    try:
-        from . import kernels
-    except ImportError:
-        return "torch"
-    return "kernels" if hasattr(kernels, "make_decode_linear") else "torch"
 
 
 @dataclass
@@ -121,12 +64,12 @@ class LoadedModel:
 
     def measured_sparsity(self) -> dict[str, float]:
         """Mean zero fraction of the linear inputs since tracking was switched on, by projection."""
-        names = {"attn.qkv": "qkv", "attn.out": "out", "fc1": "up", "fc2": "down"}
+        from ..config.shapes import projection_of_module
+
         acc: dict[str, list[float]] = {}
         for name, m in self.model.named_modules():
             if isinstance(m, InferenceLinear) and m.calls:
-                proj = next(v for k, v in names.items() if name.endswith(k))
-                acc.setdefault(proj, []).append(m.zero_sum / m.calls)
+                acc.setdefault(projection_of_module(name), []).append(m.zero_sum / m.calls)
         return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -187,7 +130,7 @@ def load_model(model_dir: str | Path, *, device: str = "auto", dtype: str = "aut
     saved = cfg_json.get("dtype") or cfg_json.get("torch_dtype")
     torch_dtype = _resolve_dtype(dtype, saved, dev)
     if backend == "auto":
-        backend = _auto_backend(dev)
+        backend = auto_backend(dev)
     if backend not in LINEAR_BACKENDS:
         raise ExportError(f"--backend must be auto or one of {sorted(LINEAR_BACKENDS)}, got {backend!r}")
 
@@ -252,6 +195,6 @@ def _swap_linears(model, sd, prequantized, hf, backend, dtype, SparseLinear) -> 
         bias = bias.to(dtype) if bias is not None else None
         new = factory(recipe, w_eff, bias, packed)
         if new is None:
-            new = _torch_backend(recipe, w_eff, bias, packed)
+            new = torch_linear(recipe, w_eff, bias, packed)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,6 +1,6 @@
 """Which fused GPU kernels the megatron layers use, and the thin wrappers that call them.
 
-On CUDA tensors the megatron model (:mod:`qsparse_dist.layers.specs`) replaces its eager elementwise
+On CUDA tensors the megatron model (:mod:`qsparse_dist.model.megatron.specs`) replaces its eager elementwise
 code by fused kernels; on CPU (and with ``QSPARSE_FUSED=0``) it runs the eager code, which is the
 reference (the CPU equality tests compare megatron with :mod:`qsparse_dist.model.reference` there).
 
@@ -9,7 +9,7 @@ piece      fused kernel (CUDA)                                         vs the ea
 =========  =========================================================  ===================================
 RMSNorm    liger-kernel ``LigerRMSNormFunction``, casting mode          float32 math like the reference;
            ``gemma`` (x, w and the product in float32, one rounding)   row mean / rsqrt rounding differ
-GLU        :func:`qsparse_dist.layers.fused_glu.fused_glu`              ReLU²GLU, dReLU bit-identical
+GLU        :func:`qsparse_dist.kernels.glu.fused_glu`                   ReLU²GLU, dReLU bit-identical
 RoPE       liger-kernel ``LigerRopeFunction`` (rotate-half, float32    megatron's unfused RoPE rounds
            math on bf16 q/k, one rounding) inside the core attention   cos/sin and each product to bf16
 =========  =========================================================  ===================================
@@ -55,7 +55,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def glu(h: torch.Tensor, name: str) -> torch.Tensor:
     """The named GLU activation of the fused ``[gate ‖ up]`` tensor in one pass."""
-    from .fused_glu import fused_glu
+    from ..kernels.glu import fused_glu
 
     return fused_glu(h, name)
 

@@ -1,7 +1,7 @@
 """megatron-core parallel linears that compute :func:`qsparse_dist.ops.qsparse_linear`.
 
 They are injected through megatron-core layer specs (``linear_qkv``, ``linear_proj``,
-``linear_fc1``, ``linear_fc2``; see :mod:`qsparse_dist.layers.specs`) with the spec params
+``linear_fc1``, ``linear_fc2``; see :mod:`qsparse_dist.model.megatron.specs`) with the spec params
 ``recipe`` (a :class:`~qsparse_dist.ops.LinearRecipe`) and ``projection`` (``qkv|out|up|down``).
 Megatron's own forward, communication and gradient code run unchanged; only the input and the
 effective weight change:
@@ -16,7 +16,7 @@ effective weight change:
   shard (checked at construction).
 
 With ``track_sparsity`` on, each layer accumulates the exact-zero count and size of its prepared
-input (tensors, no host sync); :func:`qsparse_dist.model.megatron_gpt.collect_sparsity_stats`
+input (tensors, no host sync); :func:`qsparse_dist.model.megatron.gpt.collect_sparsity_stats`
 reduces them over the layer's TP group.  The training loop switches it on for logging steps only.
 
 BitNet kinds quantize the latent weight **once per optimizer step**, not once per forward: the

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.schema import ModelConfig, SparsityConfig
+from ..config.shapes import ffn_width, projection_of_module
 from ..layers import SparseLinear
 from ..ops import glu_activation
 from . import blocks
@@ -66,7 +67,7 @@ class MoEMLP(blocks.MoEMLP):
 
     def __init__(self, m: ModelConfig, s: SparsityConfig) -> None:
         assert m.moe is not None
-        super().__init__(m.hidden_size, m.moe.ffn_hidden_size or m.ffn_size, m.moe.num_experts, m.moe.router_topk,
+        super().__init__(m.hidden_size, ffn_width(m), m.moe.num_experts, m.moe.router_topk,
                          sparse_linear_factory(m, s), glu_activation(m.ffn_activation), router_init_std=m.init_std)
         self.moe = m.moe
 
@@ -138,11 +139,10 @@ class QSparseGPT(nn.Module):
     def sparsity_stats(self) -> dict[str, float]:
         """Zero fraction of each projection's input in the last forward (tracking must be on),
         keyed ``layers.{i}.{qkv|out|up|down}`` (MoE: averaged over the experts that ran)."""
-        names = {"attn.qkv": "qkv", "attn.out": "out", "fc1": "up", "fc2": "down"}
         acc: dict[str, list[float]] = {}
         for name, mod in self.named_modules():
             if isinstance(mod, SparseLinear) and mod.last_input_zero_fraction is not None:
                 layer = name.split(".")[1]
-                proj = next(v for k, v in names.items() if name.endswith(k))
+                proj = projection_of_module(name)
                 acc.setdefault(f"layers.{layer}.{proj}", []).append(float(mod.last_input_zero_fraction))
         return {k: sum(v) / len(v) for k, v in sorted(acc.items())}

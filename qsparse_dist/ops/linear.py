@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dispatch import triton_kernels_for
+from .dispatch import kernel, triton_kernels_for
 from .quant import fake_quant_activation_int8, fake_quant_weight_ternary
 from .sparsify import topk_sparsify, validate_sparsity
 
@@ -78,9 +78,8 @@ class LinearRecipe:
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized and self.uses_topk and not self.rescale and triton_kernels_for(x):
-            from ..infer.kernels.topk import topk_sparsify_triton  # mask + STE + int8 fake-quant, fused
-
-            return topk_sparsify_triton(x, self.sparsity, block_size=self.block_size, ste=self.ste, quantize=True)
+            # mask + STE + int8 fake-quant, fused
+            return kernel("topk_sparsify")(x, self.sparsity, block_size=self.block_size, ste=self.ste, quantize=True)
         return self.quantize_input(self.sparsify(x))
 
     def weight(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

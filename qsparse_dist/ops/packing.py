@@ -1,7 +1,7 @@
 """The packed ternary weight format: 2 bits per BitNet b1.58 weight, 4 weights per byte.
 
 This is the ONE definition shared by export (safetensors / HF checkpoints), the runtime and the
-Triton decode kernels (``qsparse_dist.infer.kernels``).
+Triton decode kernels (``qsparse_dist.kernels``).
 
 Bit layout (packing runs along the LAST dim of ``w_q``; for a weight ``[N, K]`` that is the input
 dim ``K``, so the stored tensor is ``[N, ceil(K/4)]`` uint8)::
@@ -18,6 +18,10 @@ per tensor, kept beside the packed bytes as a separate float32 scalar (shape ``[
 de-quantized weight is ``W ≈ s_w · unpack_ternary(packed, K)``.  ``K`` (the unpacked length) is part
 of the tensor's metadata (the model config gives it); :func:`unpack_ternary` needs it to drop the
 padding.
+
+Where codes come from (the only two places, both below): :func:`pack_ternary_weight` quantizes a
+*latent* weight with the BitNet absmean rule (export, GGUF, the kernel decoder);
+:func:`pack_effective_ternary` recovers the codes of an *effective* weight ``s·W_q`` (the runtime).
 
 Kernel layout: the decode kernels read only the weight rows of the *kept* input features, so they
 want the input dim outermost: :func:`to_feature_major` returns ``pack_ternary(w_qᵀ)``, shape
@@ -38,6 +42,7 @@ __all__ = [
     "unpack_ternary",
     "to_feature_major",
     "pack_ternary_weight",
+    "pack_effective_ternary",
 ]
 
 TERNARY_CODE_OFFSET = 1  # code = w_q + 1
@@ -124,3 +129,13 @@ def pack_ternary_weight(w: torch.Tensor, eps: float | None = None) -> PackedTern
         raise ValueError(f"w must be a 2-D weight [out, in], got {getattr(w, 'shape', type(w).__name__)}")
     w_q, s = quantize_weight_ternary(w, WEIGHT_EPS if eps is None else eps)
     return PackedTernary(pack_ternary(w_q), s.reshape(()), w.shape[1])
+
+
+def pack_effective_ternary(w_eff: torch.Tensor) -> PackedTernary:
+    """Recover the codes of an effective BitNet weight ``W_eff = s · W_q`` ``[N, K]`` exactly:
+    ``s = max|W_eff|`` (every nonzero entry has magnitude ``s``), ``W_q = clamp(round(W_eff / s), -1, 1)``."""
+    if not isinstance(w_eff, torch.Tensor) or w_eff.dim() != 2:
+        raise ValueError(f"w_eff must be a 2-D weight [out, in], got {getattr(w_eff, 'shape', type(w_eff).__name__)}")
+    scale = w_eff.detach().abs().amax().float()
+    w_q = torch.clamp(torch.round(w_eff.detach().float() / scale), -1, 1).to(torch.int8)
+    return PackedTernary(pack_ternary(w_q), scale.reshape(()), w_eff.shape[1])

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .dispatch import triton_kernels_for
+from .dispatch import kernel, triton_kernels_for
 
 __all__ = [
     "apply_mask",
@@ -122,9 +122,7 @@ def topk_mask(
     """Boolean mask of the kept entries: top-k of ``|x|`` per row (or per block of ``block_size``)."""
     _check_input(x, block_size)
     if method in ("topk", "kthvalue") and triton_kernels_for(x):
-        from ..infer.kernels.topk import topk_mask_triton
-
-        return topk_mask_triton(x, sparsity, block_size=block_size)
+        return kernel("topk_mask")(x, sparsity, block_size=block_size)
     with torch.no_grad():
         a = x.detach().abs()
         if block_size is None:
@@ -187,9 +185,7 @@ def topk_sparsify(
     """
     if not rescale and method in ("topk", "kthvalue") and triton_kernels_for(x):
         _check_input(x, block_size)
-        from ..infer.kernels.topk import topk_sparsify_triton
-
-        return topk_sparsify_triton(x, sparsity, block_size=block_size, ste=ste)
+        return kernel("topk_sparsify")(x, sparsity, block_size=block_size, ste=ste)
     mask = topk_mask(x, sparsity, block_size=block_size, method=method)
     y = apply_mask(x, mask, ste)
     return l2_rescale(y, x) if rescale else y

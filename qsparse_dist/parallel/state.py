@@ -13,24 +13,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..config.rules import check_world
 from ..config.schema import ParallelConfig
 
 __all__ = ["initialize_parallel", "destroy_parallel", "validate_world", "parallel_initialized"]
 
 
 def validate_world(pcfg: ParallelConfig, world_size: int) -> None:
-    """Raise ``ValueError`` naming the field when ``tp·pp`` / ``ep`` do not fit ``world_size`` ranks."""
-    mp = pcfg.tp * pcfg.pp
-    if world_size % mp:
-        raise ValueError(
-            f"parallel.tp={pcfg.tp} × parallel.pp={pcfg.pp} = {mp} does not divide the world size {world_size}"
-        )
-    dp = world_size // mp
-    # Expert layout (expert TP = 1): the ep ranks come from the tp·dp ranks of one pipeline stage.
-    if (pcfg.tp * dp) % pcfg.ep:
-        raise ValueError(
-            f"parallel.ep={pcfg.ep} does not divide tp × data-parallel = {pcfg.tp * dp} ranks per stage"
-        )
+    """Raise ``ValueError`` naming the field when ``tp·pp`` / ``ep`` do not fit ``world_size`` ranks
+    (the rule: :func:`qsparse_dist.config.rules.check_world`)."""
+    check_world(pcfg, world_size)
 
 
 def parallel_initialized() -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..config.rules import check_batch, check_deepspeed_section
 
 NO_CLIP = 1e30
 
@@ -31,24 +32,13 @@ class BatchPlan:
 
 
 def batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
+    """The module docstring's arithmetic, after :func:`qsparse_dist.config.rules.check_batch`."""
+    check_batch(cfg, world_size)
     p = cfg.parallel
-    if world_size % (p.tp * p.pp):
-        raise ConfigError(f"parallel.tp={p.tp} × parallel.pp={p.pp} does not divide the world size {world_size}")
     dp = world_size // (p.tp * p.pp)
     micro = cfg.data.micro_batch_size
     g = cfg.data.global_batch_size or micro * dp
-    if g % (micro * dp):
-        raise ConfigError(
-            f"data.global_batch_size={g} is not a multiple of data.micro_batch_size={micro} × "
-            f"data-parallel size {dp} (world {world_size} / tp {p.tp} / pp {p.pp})"
-        )
-    accum = g // (micro * dp)
-    if p.num_microbatches is not None and p.num_microbatches != accum:
-        raise ConfigError(
-            f"parallel.num_microbatches={p.num_microbatches} disagrees with global / (micro × dp) = "
-            f"{g} / ({micro} × {dp}) = {accum}; leave it unset or change data.global_batch_size"
-        )
-    return BatchPlan(dp=dp, micro=micro, global_batch=g, accum=accum)
+    return BatchPlan(dp=dp, micro=micro, global_batch=g, accum=g // (micro * dp))
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -86,26 +76,7 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan) -> dict:
     user = cfg.deepspeed or {}
     _check_user_section(user, gen, cfg)
     ds = deep_merge(gen, user)
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if ds[key] != gen[key]:
-            raise ConfigError(
-                f"deepspeed.{key}={ds[key]} disagrees with the batch derived from data.* and parallel.* "
-                f"({gen[key]}); set data.micro_batch_size / data.global_batch_size instead"
-            )
-    if ds["zero_optimization"].get("stage", z) != z:
-        raise ConfigError(f"deepspeed.zero_optimization.stage={ds['zero_optimization']['stage']} disagrees "
-                          f"with parallel.zero_stage={z}; set parallel.zero_stage")
-    if ds.get("fp16", {}).get("enabled"):
-        raise ConfigError("deepspeed.fp16.enabled: fp16 is not supported; use train.dtype=bf16")
-    if bool(ds["bf16"].get("enabled")) != (cfg.train.dtype == "bf16"):
-        raise ConfigError(f"deepspeed.bf16.enabled={ds['bf16'].get('enabled')} disagrees with "
-                          f"train.dtype={cfg.train.dtype}; set train.dtype")
-    if ds["gradient_clipping"] != gen["gradient_clipping"]:
-        raise ConfigError(f"deepspeed.gradient_clipping={ds['gradient_clipping']} disagrees with "
-                          f"optimizer.grad_clip={o.grad_clip}; set optimizer.grad_clip (0 = no clipping)")
-    if "scheduler" in ds:
-        raise ConfigError("deepspeed.scheduler: the learning rate follows schedule.* (set every step, stateless "
-                          "on resume); remove deepspeed.scheduler and use schedule.kind / schedule.warmup_steps")
+    check_deepspeed_section(ds, gen, cfg)  # the user's section agrees with the owning fields
     validate_with_deepspeed(ds)
     return ds
 

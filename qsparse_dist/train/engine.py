@@ -8,11 +8,11 @@ Two step drivers, chosen by ``parallel.pp``:
   parameters (norm weights, router) get a tensor hook that all-reduces their gradient over the TP group
   as autograd produces it — before any ZeRO hook consumes it — which is what megatron's
   ``finalize_model_grads`` would do.
-* **PP > 1** — megatron's 1F1B schedule (:func:`qsparse_dist.model.megatron_gpt.forward_backward`) runs
+* **PP > 1** — megatron's 1F1B schedule (:func:`qsparse_dist.model.megatron.gpt.forward_backward`) runs
   all micro-batches' forward/backward and the inter-stage p2p on ``engine.module``; DeepSpeed runs with
   ``managed_gradient_accumulation=false``, so ``engine.step()`` is the boundary that all-reduces the
   accumulated gradients over the data-parallel group, clips and updates.  Supported with ZeRO-0/1
-  (gradients stay whole in ``param.grad`` until the step); ZeRO-2/3 are refused (:func:`check_pipeline`).
+  (gradients stay whole in ``param.grad`` until the step); ZeRO-2/3 are refused (:func:`qsparse_dist.config.rules.check_pipeline`).
 
 Loss = mean token cross-entropy of the global batch (every micro-batch has the same token count, so
 averaging micro-batch means over accumulation rounds and data-parallel ranks gives it exactly).
@@ -26,42 +26,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
+from ..config.rules import check_dtype, check_launch, check_pipeline
+from ..parallel.experts import experts_replicated_over_tp, is_expert_parameter, needs_tp_grad_sum
 from .ds_config import BatchPlan, build_ds_config
-from .moe import check_moe_zero, experts_replicated_over_tp, is_expert_parameter, prepare_experts
+from .moe import prepare_experts
 from .schedules import lr_at, weight_decay_factor_at
 
 __all__ = ["check_dtype", "check_pipeline", "preflight_parallel", "init_distributed", "Runtime", "build_runtime",
            "param_groups"]
-
-
-def check_pipeline(cfg: RunConfig) -> None:
-    p, m = cfg.parallel, cfg.model
-    if p.pp == 1:
-        return
-    if p.zero_stage >= 2:
-        raise ConfigError(
-            f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: megatron's 1F1B schedule runs the "
-            "backward of each micro-batch outside DeepSpeed's engine.backward; ZeRO-2 would reduce-scatter "
-            "gradients in per-micro-batch hooks and ZeRO-3 gather/release parameters per forward across the "
-            "interleaved schedule (DeepSpeed's own pipeline engine refuses stage 2/3 too). Use zero_stage 0 "
-            "or 1 with pipeline parallelism."
-        )
-    if m.tie_embeddings:
-        raise ConfigError(
-            f"model.tie_embeddings=true with parallel.pp={p.pp}: the tied embedding/output weight lives on the "
-            "first and the last stage, and DeepSpeed's gradient norm would count it twice (clipping would "
-            "differ from the single-process run). Untie the embeddings or use pp=1."
-        )
-
-
-def check_dtype(cfg: RunConfig) -> None:
-    if cfg.train.dtype == "bf16" and cfg.parallel.zero_stage == 0:
-        raise ConfigError(
-            "train.dtype=bf16 with parallel.zero_stage=0: DeepSpeed 0.19 keeps fp32 master weights and fp32 "
-            "gradient accumulation for bf16 only in its ZeRO optimizers (stage 0 would update bf16 weights "
-            "directly). Use parallel.zero_stage=1 (same memory and communication as stage 0 at DP=1)."
-        )
 
 
 def preflight_parallel(cfg: RunConfig) -> None:
@@ -69,15 +42,7 @@ def preflight_parallel(cfg: RunConfig) -> None:
     from ..compat import check_supported
 
     check_supported()  # megatron-core / DeepSpeed at the releases qsparse_dist.compat was written for
-    check_pipeline(cfg)
-    check_dtype(cfg)
-    check_moe_zero(cfg)
-    from ..model.megatron_gpt import validate_megatron_config
-
-    try:
-        validate_megatron_config(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_launch(cfg)  # pipeline × ZeRO, dtype × ZeRO, MoE × ZeRO-3, megatron's needs (config.rules)
 
 
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
@@ -124,7 +89,7 @@ def _register_sequence_parallel_grad_hooks(model) -> int:
     """All-reduce (sum) the gradient of every ``sequence_parallel`` parameter over the TP group as it is
     produced (PP = 1 path; see module docstring) — and, at EP = 1, of every MoE expert parameter: with
     expert TP = 1 each TP rank holds all experts and runs them on its own sequence shard, as
-    :func:`~qsparse_dist.model.megatron_gpt.reduce_model_parallel_grads` does on the PP > 1 path."""
+    :func:`~qsparse_dist.model.megatron.gpt.reduce_model_parallel_grads` does on the PP > 1 path."""
     from megatron.core import parallel_state as ps
 
     if ps.get_tensor_model_parallel_world_size() == 1:
@@ -139,7 +104,7 @@ def _register_sequence_parallel_grad_hooks(model) -> int:
 
     experts_too = experts_replicated_over_tp()
     for name, p in model.named_parameters():
-        if p.requires_grad and (getattr(p, "sequence_parallel", False) or (experts_too and is_expert_parameter(name))):
+        if p.requires_grad and needs_tp_grad_sum(name, p, experts_too):
             p.register_hook(hook)
             n += 1
     return n
@@ -147,7 +112,7 @@ def _register_sequence_parallel_grad_hooks(model) -> int:
 
 def grad_norm_and_clip(named_params, max_norm: float) -> torch.Tensor:
     """Global L2 gradient norm with megatron's counting, then clip in place (ZeRO-0 fp32 path).
-    ``named_params``: ``model.named_parameters()`` (the name decides :func:`~.moe.is_expert_parameter`).
+    ``named_params``: ``model.named_parameters()`` (the name decides :func:`~qsparse_dist.parallel.experts.is_expert_parameter`).
 
     ``‖g‖² = Σ_{MP group} Σ_dense g²  +  Σ_{expert-TP×EP×PP group} Σ_expert g²``, where a dense
     gradient counts on TP rank 0 unless the parameter is TP-sharded (``tensor_model_parallel``) and an
@@ -283,7 +248,7 @@ class Runtime:
         lr, wdf = self._set_schedule(step)
         self.engine.train()
         if self.pipelined:
-            from ..model.megatron_gpt import forward_backward, reduce_model_parallel_grads
+            from ..model.megatron.gpt import forward_backward, reduce_model_parallel_grads
 
             losses: list[torch.Tensor] = []
             forward_backward(self.module, [self.split(b) for b in micro_batches],
@@ -298,13 +263,13 @@ class Runtime:
             local = torch.stack(losses).sum() if losses else torch.zeros((), device=self.engine.device)
             loss = self._global_mean(local, len(losses))
         else:
-            from ..model.megatron_gpt import lm_forward
+            from ..model.megatron.gpt import lm_forward
 
             self._set_aux_loss_scale(1.0 / self.plan.accum)
             local = torch.zeros((), dtype=torch.float64, device=self.engine.device)
             for b in micro_batches:
                 if isinstance(b, dict):  # SFT rows: packed-document mask + prompt-masked loss
-                    from ..data.sft import megatron_sft_loss
+                    from ..model.sft_loss import megatron_sft_loss
 
                     loss_t = megatron_sft_loss(self.engine, b)
                 else:
@@ -337,7 +302,7 @@ class Runtime:
         self.engine.eval()
         try:
             if self.pipelined:
-                from ..model.megatron_gpt import forward_backward
+                from ..model.megatron.gpt import forward_backward
 
                 losses: list[torch.Tensor] = []
                 forward_backward(self.module, [self.split(b) for b in micro_batches],
@@ -346,12 +311,12 @@ class Runtime:
                                  loss_fn=_recording_mean(losses))
                 local = torch.stack(losses).sum() if losses else torch.zeros((), device=self.engine.device)
                 return self._global_mean(local, len(losses))
-            from ..model.megatron_gpt import lm_forward
+            from ..model.megatron.gpt import lm_forward
 
             local = torch.zeros((), dtype=torch.float64, device=self.engine.device)
             for b in micro_batches:
                 if isinstance(b, dict):  # SFT rows
-                    from ..data.sft import megatron_sft_loss
+                    from ..model.sft_loss import megatron_sft_loss
 
                     local += megatron_sft_loss(self.engine, b).double()
                     continue
@@ -368,7 +333,7 @@ def build_runtime(cfg: RunConfig, plan: BatchPlan, init_weights=None) -> Runtime
     import deepspeed
     from megatron.core import parallel_state as ps
 
-    from ..model.megatron_gpt import build_megatron_gpt
+    from ..model.megatron.gpt import build_megatron_gpt
     from ..parallel import initialize_parallel
     from ..parallel.mpu import MegatronMPU
 

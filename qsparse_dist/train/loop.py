@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..compat import CompatError
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, rules
 from ..data import DataError, SampleDataset, StepSampler, TokenFile, eval_batches, read_meta
 from .checkpoint import (
     CheckpointError,
@@ -54,11 +54,9 @@ class Prepared:
 def _fill_vocab(cfg: RunConfig, data_meta: dict) -> None:
     tok_vocab = int(data_meta["vocab_size"])
     tp = cfg.parallel.tp
+    rules.check_vocab(cfg, tok_vocab)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = -(-tok_vocab // tp) * tp  # round up so TP divides the vocab
-    elif cfg.model.vocab_size < tok_vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tok_vocab} (from {cfg.data.path}/meta.json); leave it unset")
 
 
 def preflight(cfg: RunConfig, world_size: int | None = None) -> Prepared:
@@ -69,15 +67,12 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> Prepared:
         from ..data.sft import SFTDataset, is_sft_dir, read_sft_meta
 
         sft = is_sft_dir(cfg.data.path)  # SFT rows (qsparse_dist.data.sft) instead of a token stream
-        if sft and cfg.parallel.pp > 1:
-            raise ConfigError("SFT data (data.path holds sft.json) needs parallel.pp=1")
+        rules.check_sft_layout(cfg, sft)
         data_meta = read_sft_meta(cfg.data.path) if sft else read_meta(cfg.data.path, field="data.path")
         _fill_vocab(cfg, data_meta)
         plan = batch_plan(cfg, world)
-        from ..parallel.state import validate_world
-
         try:
-            validate_world(cfg.parallel, world)
+            rules.check_world(cfg.parallel, world)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         preflight_parallel(cfg)
@@ -90,9 +85,7 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> Prepared:
                               f"than model.seq_length + 1 = {S + 1}")
         valid_tokens = None
         if cfg.train.eval_interval:
-            if "valid" not in data_meta["splits"]:
-                raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} needs a 'valid' split in "
-                                  f"data.path={cfg.data.path} (prepare-data --valid-fraction > 0) or set it to 0")
+            rules.check_eval_split(cfg, data_meta["splits"])
             valid_tokens = (SFTDataset(cfg.data.path, "valid", with_attention_mask=False) if sft
                             else TokenFile(cfg.data.path, "valid"))
             if valid_tokens.num_samples(S) < 1:
@@ -101,11 +94,7 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> Prepared:
     except DataError as e:
         raise ConfigError(str(e)) from None
     root = checkpoint_root(cfg)
-    if not cfg.checkpoint.resume and list_checkpoints(root):
-        raise ConfigError(f"checkpoint.resume=false but train.run_dir={cfg.train.run_dir} already holds "
-                          "checkpoints; choose a new run_dir or set checkpoint.resume=true")
-    if cfg.checkpoint.load and not cfg.checkpoint.resume:
-        raise ConfigError("checkpoint.load is set but checkpoint.resume=false")
+    rules.check_checkpoint_options(cfg, has_checkpoints=bool(list_checkpoints(root)))
     if cfg.checkpoint.init_from:
         from ..convert.imported import load_imported
 
@@ -155,7 +144,7 @@ def _gather_over_pipeline(obj: dict, rt: Runtime) -> dict:
 def _expert_load(rt: Runtime) -> dict:
     from megatron.core import parallel_state as ps
 
-    from ..model.megatron_gpt import collect_expert_load
+    from ..model.megatron.gpt import collect_expert_load
 
     load = collect_expert_load(rt.module)
     counts = {k: v for k, v in load.items() if k.endswith("tokens_per_expert")}
@@ -176,7 +165,7 @@ def _expert_load(rt: Runtime) -> dict:
 def train(cfg: RunConfig, *, teardown: bool = True) -> dict:
     """Run (or resume) training; every rank calls it.  Returns a summary (same on all ranks for the
     loss fields)."""
-    from ..model.megatron_gpt import collect_sparsity_stats, set_track_sparsity
+    from ..model.megatron.gpt import collect_sparsity_stats, set_track_sparsity
     from .sparsity_ramp import SparsityRamp
 
     prep = preflight(cfg)

@@ -1,15 +1,8 @@
 """Run metrics: ``metrics.jsonl`` (one object per optimizer step), tensorboard scalars, a tqdm bar and one
 readable console line per log interval — all on global rank 0.
 
-Model FLOPs (stated, per trained token; forward + backward = 3 × forward, a multiply-add = 2 FLOPs)::
-
-    F_token = 6 · N_active  +  6 · L · S · (n_heads · head_dim)
-
-``N_active`` = weights of every linear a token passes through: per layer QKV ``H·(n_h + 2·n_g)·d``,
-attention output ``n_h·d·H``, FFN ``3·H·F`` (fused gate/up + down) — or, for MoE, the router ``H·E``
-plus ``top_k`` experts' ``3·H·F_e`` — and the LM head ``H·V`` (the embedding lookup is not a matmul).
-The second term is causal attention (QKᵀ and A·V, average context S/2, 2 FLOPs each).  Top-K sparsity
-is not subtracted: training runs dense kernels, so these are the FLOPs executed.
+Model FLOPs per trained token ``F_token``: :func:`qsparse_dist.config.shapes.flops_per_token`, where the
+formula and what it counts are stated once (:data:`FLOPS_FORMULA` carries its text into the run log).
 
 ``model TFLOP/s = F_token · tokens/s / 1e12`` (whole job) and
 ``MFU = F_token · tokens/s / (peak FLOP/s per device · devices)``; the peak is ``logging.peak_tflops``
@@ -27,31 +20,19 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, shapes
 
 __all__ = ["flops_per_token", "FLOPS_FORMULA", "peak_flops_per_device", "MetricsWriter",
            "summarize_sparsity"]
 
-FLOPS_FORMULA = "F_token = 6*N_active + 6*L*S*(n_heads*head_dim); MFU = F_token*tokens_per_s/(peak*devices)"
+FLOPS_FORMULA = shapes.FLOPS_PER_TOKEN_FORMULA + "; MFU = F_token*tokens_per_s/(peak*devices)"
 
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def active_matmul_params(cfg: RunConfig) -> int:
-    m = cfg.model
-    H, L, V, d = m.hidden_size, m.num_layers, m.vocab_size or 0, m.head_dim
-    attn = H * (m.num_attention_heads + 2 * m.query_groups) * d + m.num_attention_heads * d * H
-    if m.moe is None:
-        ffn = 3 * H * m.ffn_size
-    else:
-        fe = m.moe.ffn_hidden_size or m.ffn_size
-        ffn = H * m.moe.num_experts + m.moe.router_topk * 3 * H * fe
-    return L * (attn + ffn) + H * V
-
-
 def flops_per_token(cfg: RunConfig) -> float:
-    m = cfg.model
-    return 6.0 * active_matmul_params(cfg) + 6.0 * m.num_layers * m.seq_length * m.num_attention_heads * m.head_dim
+    """``F_token`` of the run's model at its ``model.seq_length`` (:func:`~qsparse_dist.config.shapes.flops_per_token`)."""
+    return shapes.flops_per_token(cfg.model)
 
 
 def peak_flops_per_device(cfg: RunConfig, override_tflops: float | None = None) -> tuple[float, str]:

@@ -26,10 +26,11 @@ So :func:`prepare_experts`:
   ``deepspeed.initialize`` recognise megatron's ``MoELayer`` as an MoE layer (a scoped swap of the
   class DeepSpeed's engine tests against), so DeepSpeed builds its MoE optimizer groups.  ZeRO-0/1/2 only: ZeRO-3 partitions every
   parameter over the data-parallel group, and DeepSpeed 0.19 supports experts at stage 3 only
-  through its own AutoEP layers (refused in :func:`check_moe_zero`).
+  through its own AutoEP layers (refused in :func:`qsparse_dist.config.rules.check_moe_zero`).
 
-Which parameters are experts is decided in one place, :func:`is_expert_parameter` (by name: megatron's
-``allreduce=False`` flag marks them only at EP > 1).  At EP = 1 with TP > 1 (expert TP is always 1) every
+Which parameters are experts is decided in one place,
+:func:`qsparse_dist.parallel.experts.is_expert_parameter` (by name: megatron's ``allreduce=False`` flag
+marks them only at EP > 1).  At EP = 1 with TP > 1 (expert TP is always 1) every
 TP rank holds every expert whole and runs it on its own sequence shard; the gradient is summed over the
 TP group (a gradient hook in :mod:`qsparse_dist.train.engine`; ``reduce_model_parallel_grads`` under
 PP), after which the TP peers hold identical copies — TP *duplicates*, like the router.  megatron's
@@ -44,45 +45,16 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
+from ..config.rules import check_moe_zero
+from ..parallel.experts import experts_replicated_over_tp, is_expert_parameter
 
 __all__ = ["check_moe_zero", "is_expert_parameter", "expert_parameters", "experts_replicated_over_tp",
            "prepare_experts", "expert_group_name"]
 
-EXPERT_PATH = ".mlp.experts."  # megatron MoELayer.experts, as named_parameters() spells it
-
-
-def is_expert_parameter(name: str) -> bool:
-    """Whether the parameter called ``name`` (a ``model.named_parameters()`` name) is an MoE expert
-    weight — the one definition, valid at every EP size and pipeline stage."""
-    return EXPERT_PATH in name
-
-
-def experts_replicated_over_tp() -> bool:
-    """EP = 1 and TP > 1 (expert TP = 1): every TP rank holds all experts whole; their gradients must be
-    summed over the TP group and then count once in the gradient norm (module docstring)."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_expert_model_parallel_world_size() == 1 and ps.get_tensor_model_parallel_world_size() > 1
-
 
 def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
-
-
-def check_moe_zero(cfg: RunConfig) -> None:
-    """Refuse MoE layouts DeepSpeed cannot train correctly (before any process group exists)."""
-    m, p = cfg.model, cfg.parallel
-    if m.moe is None:
-        return
-    if p.zero_stage == 3 and (p.ep > 1 or p.tp > 1):
-        raise ConfigError(
-            f"parallel.zero_stage=3 with an MoE model and parallel.ep={p.ep}, parallel.tp={p.tp}: ZeRO-3 "
-            "partitions every parameter over the data-parallel group, but expert weights differ between "
-            "expert-parallel ranks (and are reduced over the expert-data-parallel group); DeepSpeed 0.19 "
-            "handles experts at stage 3 only for its own AutoEP layers. Use zero_stage 0, 1 or 2 (ZeRO-3 "
-            "works for MoE with ep=1 and tp=1, where experts are plain replicated parameters)."
-        )
 
 
 def expert_parameters(model) -> list:

@@ -46,7 +46,7 @@ def megatron_logits(cfg, ckpt: Path) -> torch.Tensor | None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from safetensors.torch import load_file
 
-    from qsparse_dist.model.megatron_gpt import build_megatron_gpt, causal_inputs
+    from qsparse_dist.model.megatron.gpt import build_megatron_gpt, causal_inputs
     from qsparse_dist.parallel import destroy_parallel, initialize_parallel
     from qsparse_dist.train.checkpoint import shard_key
 

@@ -40,7 +40,7 @@ def packed_leakage(model, expected: dict) -> tuple[float, float]:
     """Max |logits of an example inside a packed row − logits of the example alone|, with the
     block-diagonal mask and (as a control that the check can fail) with the plain causal mask."""
     from qsparse_dist.data.sft import packed_attention_mask
-    from qsparse_dist.model.megatron_gpt import lm_forward
+    from qsparse_dist.model.megatron.gpt import lm_forward
 
     row, doc = expected["packed_tokens"], expected["packed_doc_ids"]
     pos = torch.arange(row.shape[1])[None]
@@ -61,7 +61,7 @@ def main() -> None:
     from qsparse_dist.config import config_from_dict
     from qsparse_dist.convert import load_imported
     from qsparse_dist.convert.megatron_load import load_imported_into_megatron
-    from qsparse_dist.model.megatron_gpt import build_megatron_gpt, lm_forward
+    from qsparse_dist.model.megatron.gpt import build_megatron_gpt, lm_forward
     from qsparse_dist.parallel import destroy_parallel, initialize_parallel
 
     root, archs = Path(sys.argv[1]), sys.argv[2].split(",")
@@ -80,7 +80,7 @@ def main() -> None:
                 load_imported_into_megatron(model, cfg)
                 model.eval()
                 if cfg.parallel.pp > 1:  # megatron's pipeline schedule; the loss lives on the last stage
-                    from qsparse_dist.model.megatron_gpt import forward_backward
+                    from qsparse_dist.model.megatron.gpt import forward_backward
 
                     tokens, labels = expected["tokens"], expected["labels"]
                     with torch.no_grad():

@@ -66,7 +66,7 @@ def main() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from qsparse_dist.model.megatron_gpt import (
+    from qsparse_dist.model.megatron.gpt import (
         build_megatron_gpt,
         collect_expert_load,
         collect_sparsity_stats,

@@ -51,7 +51,7 @@ def main() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from qsparse_dist.model.megatron_gpt import (
+    from qsparse_dist.model.megatron.gpt import (
         build_megatron_gpt,
         collect_sparsity_stats,
         forward_backward,

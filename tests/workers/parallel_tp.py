@@ -43,7 +43,7 @@ SP_SCENARIOS = ("qsparse", "block_qsparse", "bitnet_qsparse", "qsparse_tied_mha"
 
 def run_megatron(cfg, ref, tokens, labels) -> dict:
     from qsparse_dist.layers.parallel_linear import QSparseRowParallelLinear
-    from qsparse_dist.model.megatron_gpt import (
+    from qsparse_dist.model.megatron.gpt import (
         build_megatron_gpt,
         collect_sparsity_stats,
         lm_forward,

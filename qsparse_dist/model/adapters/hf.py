@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...config.schema import ModelConfig, MoEConfig, SparsityConfig
+from ...config.shapes import REFERENCE_MODULES, ffn_width, projection_of_module, projection_table, qkv_sizes
 from ...ops.packing import pack_ternary_weight, unpack_ternary
 
 __all__ = [
@@ -95,7 +96,9 @@ FROM_HF_MAP = {
 """One-to-one renames, HF name (under ``model.``) → reference name; the fused tensors (``qkv`` =
 ``[q ‖ k ‖ v]``, ``fc1`` = ``[gate ‖ up]``, Mixtral experts) are built in :func:`from_hf` / :func:`to_hf`."""
 
-TERNARY_PROJECTIONS = re.compile(r"(attn\.qkv|attn\.out|fc1|fc2)\.weight$")
+TERNARY_PROJECTIONS = re.compile("(" + "|".join(map(re.escape, REFERENCE_MODULES.values())) + r")\.weight$")
+"""Reference weight names of the four projections (``…attn.qkv.weight`` … ``…fc2.weight``): the BitNet
+ones a ``qsparse`` export may pack to 2 bits."""
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -261,7 +264,7 @@ def hf_config_dict(m: ModelConfig, s: SparsityConfig, arch: str, packed: bool = 
         return dict(common, intermediate_size=m.ffn_size, hidden_act=HF_ACT[m.ffn_activation],
                     tie_word_embeddings=m.tie_embeddings, **({"attention_bias": False, "mlp_bias": False} if arch == "llama" else {}))
     if arch == "mixtral":
-        return dict(common, intermediate_size=m.moe.ffn_hidden_size or m.ffn_size, hidden_act=HF_ACT[m.ffn_activation],
+        return dict(common, intermediate_size=ffn_width(m), hidden_act=HF_ACT[m.ffn_activation],
                     tie_word_embeddings=m.tie_embeddings, num_local_experts=m.moe.num_experts,
                     num_experts_per_tok=m.moe.router_topk, router_aux_loss_coef=m.moe.aux_loss_coeff)
     return dict(
@@ -329,8 +332,8 @@ def from_hf(src: Mapping, model: ModelConfig) -> Iterator[tuple[str, torch.Tenso
     sits in memory twice), in the source dtype.  Raises :class:`HFMappingError` on missing / misshapen
     / leftover tensors."""
     r = _Reader(src, _prefix(src))
-    h, v, hd = model.hidden_size, model.vocab_size, model.head_dim
-    nq, nkv = model.num_attention_heads * hd, model.query_groups * hd
+    h, v = model.hidden_size, model.vocab_size
+    nq, nkv, _ = qkv_sizes(model)
     yield r.renamed("embed_tokens.weight", (v, h))
     for i in range(model.num_layers):
         p, o = f"layers.{i}.", f"layers.{i}."
@@ -376,7 +379,7 @@ def from_hf(src: Mapping, model: ModelConfig) -> Iterator[tuple[str, torch.Tenso
 def _moe_from_hf(r: _Reader, model: ModelConfig, i: int) -> Iterator[tuple[str, torch.Tensor]]:
     assert model.moe is not None
     h, ne = model.hidden_size, model.moe.num_experts
-    f = model.moe.ffn_hidden_size or model.ffn_size
+    f = ffn_width(model)
     p, o = f"layers.{i}.", f"layers.{i}."
     if r.has(p + "block_sparse_moe.gate.weight"):  # the published Mixtral layout
         m = p + "block_sparse_moe."
@@ -404,7 +407,7 @@ def to_hf(sd: Mapping[str, torch.Tensor], m: ModelConfig, moe: bool) -> dict[str
                                     to_hf_map["final_norm.weight"]: sd["final_norm.weight"]}
     if "lm_head.weight" in sd:
         out["lm_head.weight"] = sd["lm_head.weight"]
-    sizes = [m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim, m.query_groups * m.head_dim]
+    sizes = list(qkv_sizes(m))
     for i in range(m.num_layers):
         p, q = f"layers.{i}.", f"model.layers.{i}."
 
@@ -483,8 +486,7 @@ def hf_to_reference(hf: Mapping[str, torch.Tensor], m: ModelConfig, arch: str) -
 
 def _in_features(base: str, m: ModelConfig) -> int:
     """Input size of the projection ``base`` (``layers.i.attn.qkv.`` …), for unpacking 2-bit rows."""
-    if base.endswith("attn.out."):
-        return m.num_attention_heads * m.head_dim
-    if base.endswith("fc2."):
-        return (m.moe.ffn_hidden_size or m.ffn_size) if (m.moe is not None and ".experts." in base) else m.ffn_size
-    return m.hidden_size
+    proj = projection_of_module(base.removesuffix("."))
+    if proj is None:
+        raise HFMappingError(f"packed tensor {base}weight_packed is not one of the projections {list(REFERENCE_MODULES.values())}")
+    return projection_table(m)[proj].in_features

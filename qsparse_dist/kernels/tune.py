@@ -12,7 +12,7 @@ import statistics
 
 import torch
 
-from ...ops import kept_count, pack_ternary
+from ..ops import kept_count, pack_ternary
 from .gemv import GemvConfig, gather_gemv, sparse_gemv, ternary_gemv
 
 __all__ = ["SPARSE_TILES", "TERNARY_TILES", "candidate_configs", "time_graph_ms", "tune_gemv"]

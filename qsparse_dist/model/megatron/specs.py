@@ -13,14 +13,14 @@ Starting from megatron's local spec (``get_gpt_layer_local_spec``) we replace:
 ``QSparseRMSNorm`` is the reference RMSNorm (same float32 formula) accepting megatron's constructor
 and marking its weight ``sequence_parallel`` under SP (megatron's ``WrappedTorchNorm`` refuses SP);
 those gradients must be all-reduced over the TP group
-(:func:`qsparse_dist.model.megatron_gpt.reduce_model_parallel_grads`).
+(:func:`qsparse_dist.model.megatron.gpt.reduce_model_parallel_grads`).
 
 ``SDPACoreAttention`` is megatron's ``DotProductAttention`` computing with
 ``torch.nn.functional.scaled_dot_product_attention`` (causal) like the reference, so a TP=1 model's
 logits are bit-identical to the reference's (megatron's baddbmm/softmax path differs by ~1e-7).
 
 On CUDA the norms, the GLU and RoPE run fused kernels (:mod:`qsparse_dist.layers.fused`: RMSNorm and
-RoPE from liger-kernel, the GLU from :mod:`qsparse_dist.layers.fused_glu`); RoPE then moves from
+RoPE from liger-kernel, the GLU from :mod:`qsparse_dist.kernels.glu`); RoPE then moves from
 megatron's attention into :class:`SDPACoreAttention` (:class:`QSparseSelfAttention` hands it the
 angles), which applies it while laying q/k out for SDPA.  CPU runs the eager code above.
 
@@ -49,11 +49,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..config.schema import RunConfig
-from ..model.blocks import RMSNorm
-from ..ops import glu_activation
-from . import fused
-from .parallel_linear import QSparseColumnParallelLinear, QSparseRowParallelLinear
+from ...config.schema import RunConfig
+from ...layers import fused
+from ...layers.parallel_linear import QSparseColumnParallelLinear, QSparseRowParallelLinear
+from ...ops import glu_activation
+from ..blocks import RMSNorm
 
 __all__ = [
     "SDPACoreAttention",

@@ -29,7 +29,10 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from ..config.schema import RunConfig
+from ...config.rules import check_megatron
+from ...config.schema import RunConfig
+from ...config.shapes import ffn_width, projection_of_module
+from ...parallel.experts import experts_replicated_over_tp, needs_tp_grad_sum
 
 __all__ = [
     "validate_megatron_config",
@@ -44,26 +47,11 @@ __all__ = [
     "reduce_model_parallel_grads",
 ]
 
-_PROJ_OF_MODULE = {
-    "self_attention.linear_qkv": "qkv",
-    "self_attention.linear_proj": "out",
-    "linear_fc1": "up",
-    "linear_fc2": "down",
-}
-
 
 def validate_megatron_config(cfg: RunConfig) -> None:
-    """Checks megatron needs beyond the schema's; ``ValueError`` naming the setting."""
-    m, p = cfg.model, cfg.parallel
-    if m.vocab_size is None:
-        raise ValueError("model.vocab_size must be set (prepare-data writes it from the tokenizer)")
-    if m.vocab_size % p.tp:
-        raise ValueError(
-            f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size} (vocab-parallel embedding "
-            f"and output layer)"
-        )
-    if m.moe is not None and p.tp > 1 and not p.sp:
-        raise ValueError("parallel.sp must be true for an MoE model with parallel.tp > 1 (megatron-core)")
+    """Checks megatron needs beyond the schema's; ``ValueError`` naming the setting (the rule:
+    :func:`qsparse_dist.config.rules.check_megatron`)."""
+    check_megatron(cfg)
 
 
 def transformer_config_from(cfg: RunConfig):
@@ -121,7 +109,7 @@ def transformer_config_from(cfg: RunConfig):
             moe_aux_loss_coeff=m.moe.aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss",
             moe_token_dispatcher_type=m.moe.dispatcher,
-            moe_ffn_hidden_size=m.moe.ffn_hidden_size or m.ffn_size,
+            moe_ffn_hidden_size=ffn_width(m),
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
             moe_router_pre_softmax=False,
@@ -146,7 +134,7 @@ def build_megatron_gpt(cfg: RunConfig, pre_process: bool | None = None, post_pro
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from ..layers.specs import get_qsparse_block_spec
+    from .specs import get_qsparse_block_spec
 
     config = transformer_config_from(cfg)
     m = cfg.model
@@ -230,7 +218,7 @@ def forward_backward(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _qsparse_linears(model):
-    from ..layers.parallel_linear import QSparseLinearMixin
+    from ...layers.parallel_linear import QSparseLinearMixin
 
     for name, mod in model.named_modules():
         if isinstance(mod, QSparseLinearMixin):
@@ -240,7 +228,7 @@ def _qsparse_linears(model):
 def _key_of(name: str, layer_number_by_prefix: dict[str, int]) -> str:
     prefix = name.split(".self_attention")[0].split(".mlp")[0]
     layer = layer_number_by_prefix[prefix]
-    proj = next(v for k, v in _PROJ_OF_MODULE.items() if name.endswith(k))
+    proj = projection_of_module(name, "megatron")
     return f"layers.{layer}.{proj}"
 
 
@@ -338,10 +326,10 @@ def reduce_model_parallel_grads(model) -> None:
     from megatron.core import parallel_state as ps
 
     if ps.get_tensor_model_parallel_world_size() > 1:
-        ep1 = ps.get_expert_model_parallel_world_size() == 1
+        experts_too = experts_replicated_over_tp()
         grads = [
             p.grad for n, p in model.named_parameters()
-            if p.grad is not None and (getattr(p, "sequence_parallel", False) or (ep1 and ".mlp.experts." in n))
+            if p.grad is not None and needs_tp_grad_sum(n, p, experts_too)
         ]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])

@@ -70,6 +70,67 @@ def default_config(k: int, n: int, batch: int, device: torch.device, ternary: bo
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=4)
 
 
+# Shared pieces of the kernels below (inlined by Triton: the generated code is the same as written
+# out in each kernel).  The batch-1 kernels are software-pipelined by hand — the weight tile of the
+# next step and the x of the step after are loaded before the current tile is used, so a predicated
+# weight load never waits for its own x load and two weight tiles are in flight per program — from
+# these steps: ``_load_x`` (x of a step), ``_load_tile`` (the weight rows whose x is nonzero).
+
+
+@triton.jit
+def _load_x(x_ptr, kk, k_end):
+    """x of features ``kk`` (0 past ``k_end``) as float32."""
+    return tl.load(x_ptr + kk, mask=kk < k_end, other=0).to(tl.float32)
+
+
+@triton.jit
+def _load_tile(w_ptr, rows, rmask, cols, cmask, NCOL):
+    """``W[rows, cols]`` of a row-major ``[*, NCOL]`` weight; masked-out rows are never fetched (0)."""
+    return tl.load(w_ptr + rows[:, None] * NCOL + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
+
+
+@triton.jit
+def _kept_rows(kk, k_end, xv, SKIP_ZEROS: tl.constexpr):
+    """Rows of the K range that are read: in range and, with ``SKIP_ZEROS``, ``x != 0``."""
+    rows = kk < k_end
+    if SKIP_ZEROS:
+        rows = rows & (xv != 0.0)
+    return rows
+
+
+@triton.jit
+def _write_out(ptrs, val, mask, ATOMIC: tl.constexpr):
+    """Store, or ``atomic_add`` into the zeroed output when split-K programs share it."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, val, mask=mask)
+    else:
+        tl.store(ptrs, val, mask=mask)
+
+
+@triton.jit
+def _w32_rotations():
+    """Per code ``i`` of a 32-bit word, the left rotation ``(21 - 2i) mod 32`` (in 1..31) that brings
+    its 2 bits to mantissa bits 21-22."""
+    return ((53 - 2 * tl.arange(0, 16)) % 32).to(tl.uint32)[None, None, :]
+
+
+@triton.jit
+def _w32_decode(w, rot):
+    """Words ``[R, C]`` of 16 two-bit codes -> float32 ``[R, C, 16]`` holding ``1 + c/4`` exactly."""
+    u = w.to(tl.uint32, bitcast=True)[:, :, None]
+    r = (u << rot) | (u >> (32 - rot))
+    return ((r & 0x600000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _w32_result(acc, xsum, sx_ptr, sw_ptr, C: tl.constexpr):
+    """``s_w · s_x · Σ x·(c - 1)`` from ``acc = Σ x·(1 + c/4)`` and ``xsum = Σ x``, flattened to
+    ``[C · 16]`` outputs."""
+    tot = tl.sum(xsum, axis=0)
+    scale = tl.load(sw_ptr).to(tl.float32) * tl.load(sx_ptr).to(tl.float32)
+    return tl.reshape((4.0 * (tl.sum(acc, axis=0) - tot) - tot) * scale, [C * 16])
+
+
 @triton.jit
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, out_ptr,
@@ -87,35 +148,22 @@ def _sparse_gemv_kernel(
     nmask = n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if BP == 1:
-        # software pipelining by hand: the weight tile of the next step and the x of the step
-        # after are loaded before the current tile is used, so the predicated weight load never
-        # waits for its own x load, and two weight tiles are in flight per program.
+    if BP == 1:  # pipelined one tile ahead (see the helpers above)
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         kk = k_start + tl.arange(0, BLOCK_K)
-        xa = tl.load(x_ptr + kk, mask=kk < k_end, other=0.0).to(tl.float32)
-        rows = kk < k_end
-        if SKIP_ZEROS:
-            rows = rows & (xa != 0.0)
-        wa = tl.load(w_ptr + kk[:, None] * N + n[None, :], mask=rows[:, None] & nmask[None, :], other=0.0)
+        xa = _load_x(x_ptr, kk, k_end)
+        wa = _load_tile(w_ptr, kk, _kept_rows(kk, k_end, xa, SKIP_ZEROS), n, nmask, N)
         kk = kk + BLOCK_K
-        xb = tl.load(x_ptr + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+        xb = _load_x(x_ptr, kk, k_end)
         for _ in range(k_start, k_end, BLOCK_K):
-            rows = kk < k_end
-            if SKIP_ZEROS:
-                rows = rows & (xb != 0.0)
-            wb = tl.load(w_ptr + kk[:, None] * N + n[None, :], mask=rows[:, None] & nmask[None, :], other=0.0)
+            wb = _load_tile(w_ptr, kk, _kept_rows(kk, k_end, xb, SKIP_ZEROS), n, nmask, N)
             kk = kk + BLOCK_K
-            xc = tl.load(x_ptr + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+            xc = _load_x(x_ptr, kk, k_end)
             acc += xa[:, None] * wa.to(tl.float32)
             xa = xb
             wa = wb
             xb = xc
-        res = tl.sum(acc, axis=0)
-        if ATOMIC:
-            tl.atomic_add(out_ptr + n, res, mask=nmask)
-        else:
-            tl.store(out_ptr + n, res, mask=nmask)
+        _write_out(out_ptr + n, tl.sum(acc, axis=0), nmask, ATOMIC)
     else:
         b = tl.arange(0, BP)
         bmask = b < B
@@ -131,12 +179,7 @@ def _sparse_gemv_kernel(
                 acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xv.to(w.dtype), w, acc)
-        offs = b[:, None] * N + n[None, :]
-        omask = bmask[:, None] & nmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(out_ptr + offs, acc, mask=omask)
-        else:
-            tl.store(out_ptr + offs, acc, mask=omask)
+        _write_out(out_ptr + b[:, None] * N + n[None, :], acc, bmask[:, None] & nmask[None, :], ATOMIC)
 
 
 @triton.jit
@@ -186,16 +229,10 @@ def _ternary_gemv_kernel(
         r1 = tl.sum(acc1, axis=0) * scale
         r2 = tl.sum(acc2, axis=0) * scale
         r3 = tl.sum(acc3, axis=0) * scale
-        if ATOMIC:
-            tl.atomic_add(out_ptr + n0, r0, mask=jmask & (n0 < N))
-            tl.atomic_add(out_ptr + n0 + 1, r1, mask=jmask & (n0 + 1 < N))
-            tl.atomic_add(out_ptr + n0 + 2, r2, mask=jmask & (n0 + 2 < N))
-            tl.atomic_add(out_ptr + n0 + 3, r3, mask=jmask & (n0 + 3 < N))
-        else:
-            tl.store(out_ptr + n0, r0, mask=jmask & (n0 < N))
-            tl.store(out_ptr + n0 + 1, r1, mask=jmask & (n0 + 1 < N))
-            tl.store(out_ptr + n0 + 2, r2, mask=jmask & (n0 + 2 < N))
-            tl.store(out_ptr + n0 + 3, r3, mask=jmask & (n0 + 3 < N))
+        _write_out(out_ptr + n0, r0, jmask & (n0 < N), ATOMIC)
+        _write_out(out_ptr + n0 + 1, r1, jmask & (n0 + 1 < N), ATOMIC)
+        _write_out(out_ptr + n0 + 2, r2, jmask & (n0 + 2 < N), ATOMIC)
+        _write_out(out_ptr + n0 + 3, r3, jmask & (n0 + 3 < N), ATOMIC)
     else:
         b = tl.arange(0, BP)
         bmask = b < B
@@ -218,12 +255,7 @@ def _ternary_gemv_kernel(
         n = pid_n * 4 * BLOCK_NB + tl.arange(0, 4 * BLOCK_NB)
         sx = tl.load(sx_ptr + b, mask=bmask, other=0.0).to(tl.float32)
         res = acc.to(tl.float32) * (sx[:, None] * sw)
-        offs = b[:, None] * N + n[None, :]
-        omask = bmask[:, None] & (n < N)[None, :]
-        if ATOMIC:
-            tl.atomic_add(out_ptr + offs, res, mask=omask)
-        else:
-            tl.store(out_ptr + offs, res, mask=omask)
+        _write_out(out_ptr + b[:, None] * N + n[None, :], res, bmask[:, None] & (n < N)[None, :], ATOMIC)
 
 
 @triton.jit
@@ -248,41 +280,26 @@ def _ternary_gemv_w32_kernel(
     jmask = jw < NW
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    rot = ((53 - 2 * tl.arange(0, 16)) % 32).to(tl.uint32)[None, None, :]  # (21 - 2i) mod 32, in 1..31
+    rot = _w32_rotations()
     acc = tl.zeros([BLOCK_K, BLOCK_NW, 16], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_K], dtype=tl.float32)
     kk = k_start + tl.arange(0, BLOCK_K)
-    xa = tl.load(q_ptr + kk, mask=kk < k_end, other=0).to(tl.float32)
-    rows = kk < k_end
-    if SKIP_ZEROS:
-        rows = rows & (xa != 0.0)
-    wa = tl.load(w_ptr + kk[:, None] * NW + jw[None, :], mask=rows[:, None] & jmask[None, :], other=0)
+    xa = _load_x(q_ptr, kk, k_end)
+    wa = _load_tile(w_ptr, kk, _kept_rows(kk, k_end, xa, SKIP_ZEROS), jw, jmask, NW)
     kk = kk + BLOCK_K
-    xb = tl.load(q_ptr + kk, mask=kk < k_end, other=0).to(tl.float32)
+    xb = _load_x(q_ptr, kk, k_end)
     for _ in range(k_start, k_end, BLOCK_K):
-        rows = kk < k_end
-        if SKIP_ZEROS:
-            rows = rows & (xb != 0.0)
-        wb = tl.load(w_ptr + kk[:, None] * NW + jw[None, :], mask=rows[:, None] & jmask[None, :], other=0)
+        wb = _load_tile(w_ptr, kk, _kept_rows(kk, k_end, xb, SKIP_ZEROS), jw, jmask, NW)
         kk = kk + BLOCK_K
-        xc = tl.load(q_ptr + kk, mask=kk < k_end, other=0).to(tl.float32)
-        u = wa.to(tl.uint32, bitcast=True)[:, :, None]
-        r = (u << rot) | (u >> (32 - rot))
-        f = ((r & 0x600000) | 0x3F800000).to(tl.float32, bitcast=True)
-        acc += xa[:, None, None] * f
+        xc = _load_x(q_ptr, kk, k_end)
+        acc += xa[:, None, None] * _w32_decode(wa, rot)
         xsum += xa
         xa = xb
         wa = wb
         xb = xc
-    tot = tl.sum(xsum, axis=0)
-    scale = tl.load(sw_ptr).to(tl.float32) * tl.load(sx_ptr).to(tl.float32)
-    res = (4.0 * (tl.sum(acc, axis=0) - tot) - tot) * scale
-    res = tl.reshape(res, [BLOCK_NW * 16])
+    res = _w32_result(acc, xsum, sx_ptr, sw_ptr, BLOCK_NW)
     n = pid_n * BLOCK_NW * 16 + tl.arange(0, BLOCK_NW * 16)
-    if ATOMIC:
-        tl.atomic_add(out_ptr + n, res, mask=n < N)
-    else:
-        tl.store(out_ptr + n, res, mask=n < N)
+    _write_out(out_ptr + n, res, n < N, ATOMIC)
 
 
 @triton.jit
@@ -310,29 +327,26 @@ def _gather_gemv_kernel(
     jj = j_start + tl.arange(0, BLOCK_K)
     ma = jj < j_end
     ia = tl.load(idx_ptr + jj, mask=ma, other=0)
-    xa = tl.load(v_ptr + jj, mask=ma, other=0).to(tl.float32)
-    wa = tl.load(w_ptr + ia[:, None] * NCOL + c[None, :], mask=ma[:, None] & cmask[None, :], other=0)
+    xa = _load_x(v_ptr, jj, j_end)
+    wa = _load_tile(w_ptr, ia, ma, c, cmask, NCOL)
     jj = jj + BLOCK_K
     mb = jj < j_end
     ib = tl.load(idx_ptr + jj, mask=mb, other=0)
-    xb = tl.load(v_ptr + jj, mask=mb, other=0).to(tl.float32)
+    xb = _load_x(v_ptr, jj, j_end)
     if TERNARY:
-        rot = ((53 - 2 * tl.arange(0, 16)) % 32).to(tl.uint32)[None, None, :]  # (21 - 2i) mod 32
+        rot = _w32_rotations()
         acc3 = tl.zeros([BLOCK_K, BLOCK_C, 16], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for _ in range(j_start, j_end, BLOCK_K):
-        wb = tl.load(w_ptr + ib[:, None] * NCOL + c[None, :], mask=mb[:, None] & cmask[None, :], other=0)
+        wb = _load_tile(w_ptr, ib, mb, c, cmask, NCOL)
         jj = jj + BLOCK_K
         mc = jj < j_end
         ic = tl.load(idx_ptr + jj, mask=mc, other=0)
-        xc = tl.load(v_ptr + jj, mask=mc, other=0).to(tl.float32)
+        xc = _load_x(v_ptr, jj, j_end)
         if TERNARY:
-            u = wa.to(tl.uint32, bitcast=True)[:, :, None]
-            r = (u << rot) | (u >> (32 - rot))
-            f = ((r & 0x600000) | 0x3F800000).to(tl.float32, bitcast=True)
-            acc3 += xa[:, None, None] * f
+            acc3 += xa[:, None, None] * _w32_decode(wa, rot)
             xsum += xa
         else:
             acc += xa[:, None] * wa.to(tl.float32)
@@ -342,17 +356,12 @@ def _gather_gemv_kernel(
         ib = ic
         mb = mc
     if TERNARY:
-        tot = tl.sum(xsum, axis=0)
-        scale = tl.load(sw_ptr).to(tl.float32) * tl.load(sx_ptr).to(tl.float32)
-        res = tl.reshape((4.0 * (tl.sum(acc3, axis=0) - tot) - tot) * scale, [BLOCK_C * 16])
+        res = _w32_result(acc3, xsum, sx_ptr, sw_ptr, BLOCK_C)
         n = pid_n * BLOCK_C * 16 + tl.arange(0, BLOCK_C * 16)
     else:
         res = tl.sum(acc, axis=0)
         n = c
-    if ATOMIC:
-        tl.atomic_add(out_ptr + n, res, mask=n < N)
-    else:
-        tl.store(out_ptr + n, res, mask=n < N)
+    _write_out(out_ptr + n, res, n < N, ATOMIC)
 
 
 def _batch_pad(batch: int) -> int:

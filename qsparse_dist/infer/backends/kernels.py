@@ -1,7 +1,9 @@
-"""The runtime's kernel backend: ``make_decode_linear(recipe, W_eff, bias, packed)``.
+"""The runtime's kernel backend: ``make_linear(recipe, W_eff, bias, packed)`` (formerly
+``qsparse_dist.infer.kernels.decode_linear.make_decode_linear``).
 
-Decode steps (at most 16 rows) go through the Triton GEMVs; prefill and anything else falls back to
-the torch path of :class:`~qsparse_dist.infer.runtime.InferenceLinear`, whose semantics both follow:
+Decode steps (at most 16 rows) go through the Triton GEMVs of :mod:`qsparse_dist.kernels`; prefill
+and anything else falls back to the torch path of :class:`~.torch_backend.InferenceLinear`, whose semantics
+both follow:
 
     qsparse / block_qsparse   y = sparse_gemv(x ⊙ M, Wᵀ)          (rows of dropped features never read)
     bitnet / bitnet_qsparse   y = s_x · s_w · ternary_gemv(Q8(x ⊙ M), W_q)   (2-bit packed weights;
@@ -9,21 +11,29 @@ the torch path of :class:`~qsparse_dist.infer.runtime.InferenceLinear`, whose se
     dense                     declined (``None``): cuBLAS is the baseline
 
 ``W_eff`` is the effective weight (``s_w · W_q`` for BitNet kinds), so the ternary codes are recovered
-exactly as ``round(W_eff / s_w)`` with ``s_w = max|W_eff|`` when no packed tensor is given.
+exactly (:func:`qsparse_dist.ops.packing.pack_effective_ternary`) when no packed tensor is given.
+
+Why this and :class:`qsparse_dist.kernels.decoder.DecodeLinear` both exist: this one is a drop-in
+``nn.Module`` for the runtime's model (any batch of ≤ 16 rows, sparsifies and quantizes its own input,
+torch fallback for prefill and N:M, takes an export's packed codes); ``DecodeLinear`` is one projection
+of the fused batch-1 :class:`~.decoder.KernelDecoder` step (input already sparsified/quantized by the
+prologue kernel, gather GEMV over the compacted kept list, writes into preallocated split-K slices,
+tuned tile configs, built from the latent weight).  Both pack their weights with the ops' one
+definition (:mod:`qsparse_dist.ops.packing`) and call the same GEMVs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ...kernels import use_triton
+from ...kernels.gemv import sparse_gemv, ternary_gemv
+from ...kernels.ternary_dp4a import pack_k4, ternary_gemv_k4
 from ...ops import LinearRecipe, quantize_activation_int8, zero_fraction
-from ...ops.packing import PackedTernary, pack_ternary, to_feature_major
-from ..runtime import InferenceLinear
-from . import use_triton
-from .gemv import sparse_gemv, ternary_gemv
-from .ternary_dp4a import pack_k4, ternary_gemv_k4
+from ...ops.packing import PackedTernary, pack_effective_ternary, to_feature_major
+from .torch_backend import InferenceLinear
 
-__all__ = ["KernelLinear", "make_decode_linear", "MAX_DECODE_ROWS"]
+__all__ = ["KernelLinear", "make_linear", "MAX_DECODE_ROWS"]
 
 MAX_DECODE_ROWS = 16
 
@@ -36,12 +46,9 @@ class KernelLinear(InferenceLinear):
         super().__init__(recipe, weight, bias)
         self.out_features, self.in_features = weight.shape
         if recipe.quantized:
-            if packed is not None:
-                rows_packed, scale = packed.packed.to(weight.device), packed.scale.float()
-            else:
-                scale = weight.detach().abs().amax().float()
-                w_q = torch.clamp(torch.round(weight.detach().float() / scale), -1, 1).to(torch.int8)
-                rows_packed = pack_ternary(w_q)  # [N, ceil(K/4)], the export layout
+            if packed is None:
+                packed = pack_effective_ternary(weight)  # [N, ceil(K/4)], the export layout
+            rows_packed, scale = packed.packed.to(weight.device), packed.scale.float()
             self.register_buffer("wt_packed", to_feature_major(rows_packed, self.in_features).contiguous())
             self.register_buffer("w_scale", scale.reshape(()).to(weight.device))
             # batch 1: the dp4a kernel reads [K/4, N] bytes (the row-packed codes, transposed)
@@ -73,8 +80,8 @@ class KernelLinear(InferenceLinear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def make_decode_linear(recipe: LinearRecipe, weight: torch.Tensor, bias: torch.Tensor | None,
-                       packed: PackedTernary | None) -> KernelLinear | None:
+def make_linear(recipe: LinearRecipe, weight: torch.Tensor, bias: torch.Tensor | None,
+                packed: PackedTernary | None) -> KernelLinear | None:
     """Runtime backend factory; ``None`` (torch path) for dense projections."""
     if not (recipe.uses_topk or recipe.quantized):
         return None

@@ -1,5 +1,6 @@
-"""A batch-1 decode step of :class:`~qsparse_dist.model.reference.QSparseGPT` built from the Triton
-kernels, ready for CUDA-graph capture (``qsparse_dist.infer.cuda_graph.GraphedStep``).
+"""The kernels of a batch-1 decode step of :class:`~qsparse_dist.model.reference.QSparseGPT`; the step
+itself (buffers, layer loop, CUDA-graph ready) is assembled by
+:class:`qsparse_dist.infer.backends.decoder.KernelDecoder`.
 
 Per layer, 10 launches, every shape static, every position read from a device tensor::
 
@@ -27,14 +28,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ...ops import LinearRecipe, kept_count, pack_ternary, quantize_weight_ternary
-from ...ops.quant import ACT_EPS
+from ..ops import LinearRecipe, kept_count, pack_ternary_weight, to_feature_major
+from ..ops.quant import ACT_EPS
 from .gemv import GemvConfig, default_config, gather_gemv, sparse_gemv, ternary_gemv
 from .select import radix_topk_keep
 from .ternary_dp4a import default_k4_config, pack_k4, ternary_gemv_k4
 from .topk import _round_f32_to_bf16, _round_half_even, topk_keep
 
-__all__ = ["DecodeLinear", "KernelDecoder", "prologue"]
+__all__ = ["DecodeLinear", "prologue", "rope_kv_write", "decode_attention"]
 
 _ACTS = {"relu2glu": 1, "drelu": 2, "swiglu": 3}
 
@@ -223,6 +224,23 @@ def _decode_attention_kernel(
     tl.store(out_ptr + h * HD + d, (acc / l_sum).to(out_ptr.dtype.element_ty))
 
 
+def rope_kv_write(qkv: torch.Tensor, q_rot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, nh: int, ng: int) -> None:
+    """Rotate the ``nh`` query and ``ng`` key heads of the fused ``qkv`` row at position ``pos`` (device
+    int64 ``[1]``) into ``q_rot`` / ``k_cache[:, pos]`` and copy the values to ``v_cache[:, pos]``."""
+    max_len, hd = k_cache.shape[-2], k_cache.shape[-1]
+    _rope_cache_kernel[(nh + 2 * ng,)](qkv, q_rot, k_cache, v_cache, cos, sin, pos, nh, ng, max_len, HD=hd,
+                                       num_warps=1)
+
+
+def decode_attention(q_rot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                     pos: torch.Tensor, nh: int, ng: int) -> None:
+    """``out[h] = softmax(q_h · K[:pos+1]ᵀ / √hd) · V[:pos+1]`` per query head (its KV group ``h·ng/nh``)."""
+    max_len, hd = k_cache.shape[-2], k_cache.shape[-1]
+    _decode_attention_kernel[(nh,)](q_rot, k_cache, v_cache, out, pos, nh // ng, max_len, 1.0 / math.sqrt(hd),
+                                    HD=hd, BLOCK_T=64, num_warps=4)
+
+
 class DecodeLinear:
     """One projection at decode time, from the latent weight ``[N, K]`` and its recipe.
 
@@ -252,12 +270,12 @@ class DecodeLinear:
         elif self.mode == "sparse":
             self.wt = w.to(dtype).t().contiguous()
         else:
-            w_q, s = quantize_weight_ternary(w)
+            packed = pack_ternary_weight(w)  # absmean codes, [N, ceil(K/4)]
             if self.mode == "ternary_k4":
-                self.p4 = pack_k4(pack_ternary(w_q))
+                self.p4 = pack_k4(packed.packed)
             else:
-                self.wt_packed = pack_ternary(w_q.t().contiguous())
-            self.w_scale = s.reshape(()).to(w.device)
+                self.wt_packed = to_feature_major(packed.packed, self.in_features)
+            self.w_scale = packed.scale.to(w.device)
         # batch 1 with top-K: loop over the compacted kept list (work ∝ kept features)
         self.gather = gather and self.k is not None and (
             self.mode == "sparse" or (self.mode == "ternary" and self.out_features % 16 == 0))
@@ -292,104 +310,3 @@ class DecodeLinear:
         q, s = x
         return ternary_gemv(q, s, self.wt_packed, self.w_scale, self.out_features, skip_zeros=self.k is not None,
                             config=self.config, out=out, out_is_zeroed=True)
-
-
-class KernelDecoder:
-    """Batch-1 greedy decode of a dense-FFN :class:`QSparseGPT` with the Triton kernels.
-
-    ``step(token [1] int64, pos [1] int64) -> logits [1, V]`` (float32) reads and writes only
-    preallocated buffers, so ``GraphedStep(decoder.step, (token, pos))`` captures it.
-    """
-
-    def __init__(self, model, max_len: int, *, dense: bool = False, dtype: torch.dtype | None = None,
-                 configs: dict[str, GemvConfig] | None = None, gather: bool = True, radix: bool | None = None,
-                 ternary: str = "k4") -> None:
-        m, sp = model.config, model.sparsity
-        self.radix = radix
-        if m.moe is not None:
-            raise ValueError("KernelDecoder supports dense-FFN models only (model.moe is set)")
-        if getattr(m, "qkv_bias", False):
-            raise ValueError("KernelDecoder does not support model.qkv_bias yet")
-        dev = model.embed.weight.device
-        self.dtype = dtype or model.embed.weight.dtype
-        self.nh, self.ng, self.hd, self.h = m.num_attention_heads, m.query_groups, m.head_dim, m.hidden_size
-        self.ffn, self.act, self.eps, self.max_len = m.ffn_size, m.ffn_activation, m.norm_eps, max_len
-        configs = configs or {}
-        recipes = {p: (LinearRecipe() if dense else sp.recipe(p)) for p in ("qkv", "out", "up", "down")}
-        self.embed = model.embed.weight.detach().to(self.dtype)
-        head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-        self.lm_head = head.detach().to(self.dtype).contiguous()
-        self.final_norm = model.final_norm.weight.detach().float()
-        self.layers = []
-        for blk in model.layers:
-            self.layers.append({
-                "attn_norm": blk.attn_norm.weight.detach().float(),
-                "ffn_norm": blk.ffn_norm.weight.detach().float(),
-                "qkv": DecodeLinear(blk.attn.qkv.weight, recipes["qkv"], self.dtype, configs.get("qkv"), gather, ternary),
-                "out": DecodeLinear(blk.attn.out.weight, recipes["out"], self.dtype, configs.get("out"), gather, ternary),
-                "fc1": DecodeLinear(blk.ffn.fc1.weight, recipes["up"], self.dtype, configs.get("up"), gather, ternary),
-                "fc2": DecodeLinear(blk.ffn.fc2.weight, recipes["down"], self.dtype, configs.get("down"), gather, ternary),
-            })
-        nqkv = (self.nh + 2 * self.ng) * self.hd
-        sizes = [nqkv, self.h, 2 * self.ffn, self.h]
-        self.workspace = torch.zeros(len(self.layers), sum(sizes), device=dev, dtype=torch.float32)
-        self.outs = [dict(zip(("qkv", "out", "fc1", "fc2"), ws.split(sizes))) for ws in self.workspace]
-        self.residual = torch.zeros(1, self.h, device=dev, dtype=torch.float32)
-        width = max(self.h, self.ffn, self.nh * self.hd)
-        self.act_buf = torch.zeros(1, width, device=dev, dtype=self.dtype)
-        self.q_buf = torch.zeros(1, width, device=dev, dtype=torch.int8)
-        self.s_buf = torch.zeros(1, device=dev, dtype=torch.float32)
-        self.idx_buf = torch.zeros(width, device=dev, dtype=torch.int32)
-        self.q_rot = torch.zeros(self.nh * self.hd, device=dev, dtype=torch.float32)
-        self.attn_out = torch.zeros(1, self.nh * self.hd, device=dev, dtype=self.dtype)
-        cache_dtype = self.dtype
-        self.k_cache = torch.zeros(len(self.layers), self.ng, max_len, self.hd, device=dev, dtype=cache_dtype)
-        self.v_cache = torch.zeros_like(self.k_cache)
-        from ...model.reference import rope_cache
-
-        self.cos, self.sin = (t.contiguous() for t in rope_cache(max_len, self.hd, m.rope_theta, dev))
-
-    def _input(self, lin: DecodeLinear, d: int, **kw):
-        """Prologue for ``lin``'s input; returns what ``lin`` takes (and the kept indices)."""
-        y = self.act_buf[:, :d]
-        idx = self.idx_buf[: lin.k] if lin.gather else None
-        if lin.quantized_input:
-            q = self.q_buf[:, :d]
-            prologue(kw.pop("inp"), y, d=d, k=lin.k, q_out=(q, self.s_buf), idx_out=idx, radix=self.radix, **kw)
-            return ((q[0, : lin.k] if lin.gather else q), self.s_buf), idx
-        prologue(kw.pop("inp"), y, d=d, k=lin.k, idx_out=idx, radix=self.radix, **kw)
-        return (y[0, : lin.k] if lin.gather else y), idx
-
-    def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        self.workspace.zero_()
-        self.residual.copy_(self.embed.index_select(0, token).float())
-        h, prev = self.h, None
-        for i, (lay, outs) in enumerate(zip(self.layers, self.outs)):
-            if prev is None:
-                x, idx = self._input(lay["qkv"], h, inp=self.residual, norm_weight=lay["attn_norm"],
-                                     norm_eps=self.eps)
-            else:
-                x, idx = self._input(lay["qkv"], h, inp=prev, residual=self.residual, add_residual=True,
-                                     norm_weight=lay["attn_norm"], norm_eps=self.eps)
-            qkv = lay["qkv"](x, outs["qkv"].view(1, -1), idx)
-            _rope_cache_kernel[(self.nh + 2 * self.ng,)](
-                qkv, self.q_rot, self.k_cache[i], self.v_cache[i], self.cos, self.sin, pos,
-                self.nh, self.ng, self.max_len, HD=self.hd, num_warps=1)
-            _decode_attention_kernel[(self.nh,)](
-                self.q_rot, self.k_cache[i], self.v_cache[i], self.attn_out, pos,
-                self.nh // self.ng, self.max_len, 1.0 / math.sqrt(self.hd), HD=self.hd, BLOCK_T=64, num_warps=4)
-            x, idx = self._input(lay["out"], self.nh * self.hd, inp=self.attn_out)
-            a = lay["out"](x, outs["out"].view(1, -1), idx)
-            x, idx = self._input(lay["fc1"], h, inp=a, residual=self.residual, add_residual=True,
-                                 norm_weight=lay["ffn_norm"], norm_eps=self.eps)
-            f = lay["fc1"](x, outs["fc1"].view(1, -1), idx)
-            x, idx = self._input(lay["fc2"], self.ffn, inp=f, act=self.act)
-            prev = lay["fc2"](x, outs["fc2"].view(1, -1), idx)
-        y = self.act_buf[:, :h]
-        prologue(prev, y, d=h, residual=self.residual, add_residual=True, norm_weight=self.final_norm,
-                 norm_eps=self.eps)
-        return F.linear(y, self.lm_head).float()
-
-    def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()

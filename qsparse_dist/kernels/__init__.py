@@ -1,9 +1,20 @@
-"""Triton kernels for Q-Sparse / BitNet: training (top-K mask, mask+STE, N:M, fused int8 fake-quant)
-and decode (sparse GEMV, ternary 2-bit GEMV, both combined).
+"""All Triton code of the project: training kernels (top-K mask, mask+STE, N:M, fused int8 fake-quant
+in :mod:`.topk`; the fused GLU activation in :mod:`.glu`) and decode kernels (sparse / ternary GEMVs in
+:mod:`.gemv` and :mod:`.ternary_dp4a`, radix top-K in :mod:`.select`, the fused decode prologue,
+RoPE/KV-cache and attention kernels plus :class:`~.decoder.DecodeLinear` in :mod:`.decoder`, tile
+tuning in :mod:`.tune`).
 
-The torch ops in :mod:`qsparse_dist.ops` are the reference and the CPU path; these kernels compute
-the same values (the top-K mask bit for bit, tie rule included) and are used when
-:func:`use_triton` says so.  Design and measured numbers: ``docs/kernels.md``.
+Layering: this package sits ABOVE :mod:`qsparse_dist.ops` (it imports the ops' constants and
+reference math) and ``ops`` never imports it.  Instead, importing this package REGISTERS the
+kernels into :mod:`qsparse_dist.ops.dispatch` (:func:`_register`): a gate (:func:`use_triton`) and the
+named implementations the ops hand work to.  With nothing registered (an export's remote code, a
+process that never imported this package) the ops run their torch code.  ``qsparse_dist.layers``
+(every model: reference, megatron) and ``qsparse_dist.infer`` (the runtime's backends) import this
+package, so training and decode take the Triton path on CUDA exactly as before.  The kernel
+submodules (and ``triton`` itself) are imported only on the first dispatched call.
+
+The torch ops are the reference and the CPU path; these kernels compute the same values (the top-K
+mask bit for bit, tie rule included).  Design and measured numbers: ``docs/kernels.md``.
 
 Switches (environment):
     QSPARSE_TRITON=0   never dispatch to the kernels (torch ops everywhere)
@@ -17,7 +28,9 @@ import os
 
 import torch
 
-__all__ = ["triton_available", "use_triton", "make_decode_linear"]
+from ..ops import dispatch
+
+__all__ = ["triton_available", "use_triton"]
 
 
 def _patch_old_interpreter_index() -> None:
@@ -75,12 +88,25 @@ def use_triton(x: torch.Tensor) -> bool:
     return flag == "1" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+
+
+def _topk_mask(x, sparsity, *, block_size=None):
+    from .topk import topk_mask_triton
+
+    return topk_mask_triton(x, sparsity, block_size=block_size)
+
+
+def _topk_sparsify(x, sparsity, *, block_size=None, ste=True, quantize=False):
+    from .topk import topk_sparsify_triton
+
+    return topk_sparsify_triton(x, sparsity, block_size=block_size, ste=ste, quantize=quantize)
+
+
+def _register() -> None:
+    """Hand the ops their kernels: ``topk_mask`` (mask only), ``topk_sparsify`` (mask + STE, with
+    ``quantize=True`` also the int8 fake-quant, fused).  Imports of :mod:`.topk` wait for the first call."""
+    dispatch.register_kernels(use_triton, {"topk_mask": _topk_mask, "topk_sparsify": _topk_sparsify})
+
+
 _patch_old_interpreter_index()
-
-
-def make_decode_linear(recipe, weight, bias, packed):
-    """Runtime kernel backend (see :mod:`.decode_linear`); imported lazily so that importing this
-    package stays free of the runtime."""
-    from .decode_linear import make_decode_linear as make
-
-    return make(recipe, weight, bias, packed)
+_register()

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..infer.kernels.topk import _round_f32_to_bf16
+from .topk import _round_f32_to_bf16
 
 __all__ = ["FUSED_GLU_ACTIVATIONS", "fused_glu"]
 

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.quant import ACT_EPS
-from ...ops.sparsify import kept_count
+from ..ops.quant import ACT_EPS
+from ..ops.sparsify import kept_count
 
 __all__ = [
     "topk_rows",
