@@ -1,8 +1,9 @@
 """Export from real ``qsparse-dist train`` checkpoints (2 processes, gloo): TP=2 (tied embeddings),
 ZeRO-3 (BitNet+Q-Sparse), PP=2 (block Q-Sparse) and MoE with EP=2.  The exported HF model — and the
-runtime loading it — must give the logits of the trained megatron-core model itself (evaluated in
-the worker from its own shard files), fp32 max abs diff <= 1e-4.  Corrupt and incomplete training
-checkpoints are refused with an error naming the file."""
+runtime loading it — must give the logits of the trained megatron-core model itself: the live
+DeepSpeed engine, evaluated in the worker right after its last training step (never read back from
+the checkpoint), fp32 max abs diff <= 1e-4.  Corrupt and incomplete training checkpoints are refused
+with an error naming the file."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def runs(tmp_path_factory):
 
 
 def _megatron_logits(runs: Path, name: str) -> torch.Tensor:
+    """The live engine's logits the worker wrote after training (rank 0, gathered over TP/PP)."""
     from safetensors.torch import load_file
 
     return load_file(str(runs / f"{name}_logits.safetensors"))["logits"]
