@@ -56,13 +56,14 @@ def test_moe_ep2_equals_ep1(moe):
 
 def test_moe_with_tensor_and_sequence_parallel(moe):
     for rank in moe:
-        for name, layout in (("qsparse", "tp2_sp_ep1"), ("qsparse", "tp2_sp_ep2"), ("bitnet_qsparse", "tp2_sp_ep2")):
+        # bitnet_qsparse + dReLU: a dReLU "up" pre-activation that is 0 in exact arithmetic (int8 ×
+        # ternary products cancelling) must be exactly 0 whatever the matmul's row count, or relu′
+        # flips between layouts; the BitNet linear sums the integer product exactly (ops.linear)
+        for name, layout in (("qsparse", "tp2_sp_ep1"), ("qsparse", "tp2_sp_ep2"), ("bitnet_qsparse", "tp2_sp_ep2"),
+                             ("bitnet_qsparse_drelu", "tp2_sp_ep2")):
             r = rank[name][layout]
             assert r["ref_logits"] <= LOGITS_TOL and r["ref_loss"] <= LOSS_TOL, (name, layout, r)
             assert r["ref_grads"] <= GRAD_TOL, (name, layout, r["ref_grads"])
-        # bitnet_qsparse + dReLU under TP: forward equal; its gradients are only reported (one
-        # derivative discontinuity of a near-zero dReLU pre-activation, see docs/parallelism.md)
-        assert rank["bitnet_qsparse_drelu"]["tp2_sp_ep2"]["ref_logits"] <= LOGITS_TOL
 
 
 def test_moe_sparsity_stats(moe):

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import LinearRecipe, apply_mask, kept_count, mask_from_threshold, topk_mask, topk_threshold
-from ..ops.quant import WEIGHT_EPS, fake_quant_activation_int8, fake_quant_weight_ternary
+from ..ops.quant import WEIGHT_EPS, fake_quant_activation_int8, fake_quant_weight_ternary, int8_codes_ste
 
 __all__ = [
     "CommMeter",
@@ -51,6 +51,7 @@ __all__ = [
     "tp_global_absmax",
     "tp_global_ternary_scale",
     "tp_prepare_input",
+    "tp_input_codes",
     "tp_effective_weight",
 ]
 
@@ -263,6 +264,16 @@ def tp_prepare_input(x: torch.Tensor, recipe: LinearRecipe, group) -> torch.Tens
     if recipe.quantized:
         y = fake_quant_activation_int8(y, absmax=tp_global_absmax(y, group))
     return y
+
+
+def tp_input_codes(x: torch.Tensor, recipe: LinearRecipe, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet kinds: ``(X_q, s_x)`` of the (TP-global) sparsified input — the int8 codes with the
+    straight-through gradient ``1/s_x`` and the per-token scale of the full row (all-reduce MAX of
+    the absmax); ``s_x · X_q`` is :func:`tp_prepare_input`'s value."""
+    if group_size(group) == 1:
+        return int8_codes_ste(recipe.sparsify(x))
+    y = tp_global_sparsify(x, recipe, group)
+    return int8_codes_ste(y, absmax=tp_global_absmax(y, group))
 
 
 def tp_effective_weight(w: torch.Tensor, recipe: LinearRecipe, group) -> torch.Tensor:

@@ -19,24 +19,37 @@ With ``track_sparsity`` on, each layer accumulates the exact-zero count and size
 input (tensors, no host sync); :func:`qsparse_dist.model.megatron.gpt.collect_sparsity_stats`
 reduces them over the layer's TP group.  The training loop switches it on for logging steps only.
 
-BitNet kinds quantize the latent weight **once per optimizer step**, not once per forward: the
-de-quantized ternary weight ``s_w·W_q`` is cached per layer under the key (storage address,
+BitNet kinds multiply integer codes and scale afterwards, ``y = (X_q · W_qᵀ) · (s_x · s_w)``
+(:func:`qsparse_dist.ops.linear.bitnet_linear`; exact in float32): megatron's matmul (and its
+sequence-parallel all-gather) runs on the int8 codes ``X_q`` and ternary codes ``W_q`` (float
+tensors whose straight-through gradients are ``1/s_x`` and ``1/s_w``), and the scales are applied to
+its output — for the column-parallel linear after the all-gather of the tokens (``s_x`` is
+all-gathered with them under SP), for the row-parallel linear *after* the reduction of the per-rank
+integer partial sums (exact), with the TP-global absmax ``s_x`` (sliced to the rank's tokens under
+SP) and the TP-global absmean ``s_w``.  Expert row-parallel linears (``explicit_expert_comm``) leave
+the reduction to the token dispatcher, so their partial sums are scaled before it.
+
+They quantize the latent weight **once per optimizer step**, not once per forward: the
+ternary codes ``W_q`` and ``s_w`` are cached per layer under the key (storage address,
 in-place version counter, number of optimizer steps taken in this process — counted by a global
 ``torch.optim`` step hook, since ZeRO writes updated weights into flat buffers that bypass the
-version counter).  The forward value is exactly ``fake_quant_weight_ternary(W)``'s; the backward
-is the same straight-through identity.  :func:`invalidate_weight_caches` forces a recompute after
-writing weights any other way (e.g. through ``.data``).
+version counter).  :meth:`QSparseLinearMixin.effective_weight` (``s_w·W_q``) is exactly
+``fake_quant_weight_ternary(W)``'s value with the straight-through identity backward.
+:func:`invalidate_weight_caches` forces a recompute after writing weights any other way (e.g.
+through ``.data``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..ops import LinearRecipe
-from ..ops.quant import quantize_weight_ternary
-from .global_topk import group_size, tp_global_ternary_scale, tp_prepare_input
+from ..ops import LinearRecipe, scale_codes_product
+from ..ops.quant import codes_ste, quantize_weight_ternary
+from .global_topk import group_size, tp_global_ternary_scale, tp_input_codes, tp_prepare_input
 
 __all__ = ["QSparseColumnParallelLinear", "QSparseRowParallelLinear", "QSparseLinearMixin",
            "invalidate_weight_caches"]
@@ -65,12 +78,13 @@ class _StraightThrough(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _ternary_dequant(w: torch.Tensor, group) -> torch.Tensor:
-    """``s_w·W_q`` in ``w``'s dtype with the scale of the full (TP-sharded) tensor — the forward
-    value of ``fake_quant_weight_ternary`` / ``tp_effective_weight``."""
+def _ternary_codes(w: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_q, s_w)``: ternary codes in ``w``'s dtype and the float32 scale of the full
+    (TP-sharded) tensor — ``s_w·W_q`` is the forward value of ``fake_quant_weight_ternary`` /
+    ``tp_effective_weight``."""
     scale = tp_global_ternary_scale(w, group) if group_size(group) > 1 else None
     w_q, s = quantize_weight_ternary(w, scale=scale)
-    return (w_q.float() * s).to(w.dtype)
+    return w_q.to(w.dtype), s
 
 
 class QSparseLinearMixin:
@@ -106,21 +120,34 @@ class QSparseLinearMixin:
         """``(zeros, numel)`` of this rank's prepared inputs since the last reset."""
         return self._zero_count, self._numel
 
-    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight the matmul uses: ``weight`` itself, or its ternary fake-quant (TP-global scale),
-        computed once per optimizer step (module docstring)."""
-        if not self.recipe.quantized:
-            return weight
+    def _cached_codes(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_q, s_w)`` of ``weight`` (TP-global scale), computed once per optimizer step."""
         key = (weight.data_ptr(), weight._version, _WEIGHT_GENERATION[0], weight.dtype, tuple(weight.shape))
         cached = getattr(self, "_qsd_weight_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, _ternary_dequant(weight, self.tp_group))
+            cached = (key, *_ternary_codes(weight, self.tp_group))
             self._qsd_weight_cache = cached
-        return _StraightThrough.apply(weight, cached[1])
+        return cached[1], cached[2]
+
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The de-quantized weight: ``weight`` itself, or its ternary fake-quant ``s_w·W_q``
+        (TP-global scale) with the straight-through identity gradient."""
+        if not self.recipe.quantized:
+            return weight
+        codes, s = self._cached_codes(weight)
+        return _StraightThrough.apply(weight, (codes.float() * s).to(weight.dtype))
+
+    def weight_codes(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_q, s_w)``: the ternary codes the matmul uses (gradient ``1/s_w`` to ``weight``)."""
+        codes, s = self._cached_codes(weight)
+        return codes_ste(weight, codes, s), s
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002  (megatron's name)
-        """Megatron's matmul with the effective (ternary fake-quant, TP-global scale) weight."""
-        return super()._forward_impl(input, self.effective_weight(weight), *args, **kwargs)
+        """Megatron's matmul; BitNet: on the ternary codes (the caller applies the scales)."""
+        if not self.recipe.quantized:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        w_q, self._qsd_weight_scale = self.weight_codes(weight)
+        return super()._forward_impl(input, w_q.to(input.dtype), *args, **kwargs)
 
     def extra_repr(self) -> str:
         r = self.recipe
@@ -140,9 +167,27 @@ class QSparseColumnParallelLinear(QSparseLinearMixin, ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None):
-        x = self.recipe.prepare_input(input_)
-        self._track(x)
-        return super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
+        if not self.recipe.quantized:
+            x = self.recipe.prepare_input(input_)
+            self._track(x)
+            return super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
+        x_q, self._qsd_act_scale = tp_input_codes(input_, self.recipe, None)
+        self._track(x_q)
+        self._qsd_out_dtype = input_.dtype
+        return super().forward(x_q, weight=weight, runtime_gather_output=runtime_gather_output)
+
+    def _forward_impl(self, input, weight, *args, bias=None, **kwargs):  # noqa: A002
+        """BitNet: integer-code matmul on the (SP-gathered) tokens, then ``· (s_x · s_w) + b``."""
+        if not self.recipe.quantized:
+            return super()._forward_impl(input, weight, *args, bias=bias, **kwargs)
+        y_int = super()._forward_impl(input, weight, *args, bias=None, **kwargs)
+        s_x = self._qsd_act_scale
+        if kwargs.get("sequence_parallel") and group_size(self.tp_group) > 1:
+            s_x = gather_from_sequence_parallel_region(
+                s_x, tensor_parallel_output_grad=False, group=self.tp_group
+            )
+        y = scale_codes_product(y_int, s_x, self._qsd_weight_scale, self._qsd_out_dtype)
+        return y if bias is None else y + bias
 
 
 class QSparseRowParallelLinear(QSparseLinearMixin, RowParallelLinear):
@@ -152,9 +197,20 @@ class QSparseRowParallelLinear(QSparseLinearMixin, RowParallelLinear):
                  projection: str = "", **kwargs) -> None:
         super().__init__(input_size, output_size, **kwargs)
         self._init_qsparse(recipe, projection, self.input_size_per_partition)
+        if self.recipe.quantized and self.bias is not None and not self.skip_bias_add:
+            raise ValueError(f"{projection or 'linear'}: a BitNet row-parallel linear needs skip_bias_add "
+                             "(the bias goes after the scales, which follow the reduction)")
 
     def forward(self, input_: torch.Tensor):
         group = self.tp_group if self.input_is_parallel else None
-        x = tp_prepare_input(input_, self.recipe, group)
-        self._track(x)
-        return super().forward(x)
+        if not self.recipe.quantized:
+            x = tp_prepare_input(input_, self.recipe, group)
+            self._track(x)
+            return super().forward(x)
+        x_q, s_x = tp_input_codes(input_, self.recipe, group)
+        self._track(x_q)
+        out, out_bias = super().forward(x_q)  # integer partial sums, reduced exactly
+        p = group_size(self.tp_group)
+        if self.sequence_parallel and not self.explicit_expert_comm and p > 1:
+            s_x = s_x.chunk(p, dim=0)[dist.get_rank(self.tp_group)]  # the reduce-scatter's tokens
+        return scale_codes_product(out, s_x, self._qsd_weight_scale, input_.dtype), out_bias

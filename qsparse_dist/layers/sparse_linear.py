@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import LinearRecipe, zero_fraction
+from ..ops import LinearRecipe, bitnet_linear, int8_codes_ste, zero_fraction
 
 __all__ = ["SparseLinear"]
 
@@ -54,6 +54,11 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.recipe
+        if r.quantized:  # exact integer product, scaled after the sum (ops.linear.bitnet_linear)
+            codes = int8_codes_ste(r.sparsify(x))
+            if self.track_sparsity:
+                self.last_input_zero_fraction = zero_fraction(codes[0])
+            return bitnet_linear(x, self.weight, self.bias, codes=codes)
         x_in = r.prepare_input(x)
         if self.track_sparsity:
             self.last_input_zero_fraction = zero_fraction(x_in)

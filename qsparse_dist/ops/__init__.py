@@ -4,13 +4,22 @@ Shared by training (``qsparse_dist.layers``), export and inference (``qsparse_di
 """
 
 from .activations import GLU_ACTIVATIONS, drelu, glu_activation, relu2, relu2glu, split_gate_up, swiglu
-from .linear import LINEAR_KINDS, LinearRecipe, qsparse_linear
+from .linear import (
+    EXACT_K_MAX,
+    LINEAR_KINDS,
+    LinearRecipe,
+    bitnet_linear,
+    qsparse_linear,
+    scale_codes_product,
+)
 from .packing import PackedTernary, pack_ternary, pack_ternary_weight, to_feature_major, unpack_ternary
 from .quant import (
     fake_quant_activation_int8,
     fake_quant_weight_ternary,
+    int8_codes_ste,
     quantize_activation_int8,
     quantize_weight_ternary,
+    ternary_codes_ste,
     ternary_scale,
 )
 from .sparsify import (
@@ -26,16 +35,19 @@ from .sparsify import (
 from .stats import SparsityMeter, zero_fraction
 
 __all__ = [
+    "EXACT_K_MAX",
     "GLU_ACTIVATIONS",
     "LINEAR_KINDS",
     "LinearRecipe",
     "PackedTernary",
     "SparsityMeter",
     "apply_mask",
+    "bitnet_linear",
     "drelu",
     "fake_quant_activation_int8",
     "fake_quant_weight_ternary",
     "glu_activation",
+    "int8_codes_ste",
     "kept_count",
     "l2_rescale",
     "mask_from_threshold",
@@ -46,8 +58,10 @@ __all__ = [
     "quantize_weight_ternary",
     "relu2",
     "relu2glu",
+    "scale_codes_product",
     "split_gate_up",
     "swiglu",
+    "ternary_codes_ste",
     "ternary_scale",
     "to_feature_major",
     "topk_mask",

@@ -9,6 +9,17 @@ layer, the megatron-core parallel layers, the exported Hugging Face model and th
 
 with ``Q8`` the per-token absmax int8 fake-quant and ``s_w W_q`` the absmean ternary fake-quant
 (``qsparse_dist.ops.quant``); all non-differentiable steps use the straight-through estimator.
+
+The BitNet kinds are computed as the integer product, scaled afterwards (:func:`bitnet_linear`):
+
+    y = (X_q · W_qᵀ) · (s_x · s_w)        X_q ∈ [-128, 127], W_q ∈ {-1, 0, 1} (float tensors)
+
+Every partial sum of ``X_q · W_qᵀ`` is an integer of magnitude ≤ 128·K (K = in_features), so in
+float32 the product is *exact*, whatever the summation order (matmul blocking, row count, the
+tensor-parallel split), as long as 128·K < 2^24, i.e. K < 131,072.  A sum that is 0 in exact
+arithmetic is exactly 0, so e.g. ``relu′`` of it does not depend on the matmul's shape.  In bfloat16
+the fp32-accumulated exact sum is rounded once to bfloat16 (still order-independent).  This matches
+the decode kernels (``qsparse_dist.kernels.gemv``: ``acc · (s_w · s_x)``).
 """
 
 from __future__ import annotations
@@ -19,10 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import kernel, triton_kernels_for
-from .quant import fake_quant_activation_int8, fake_quant_weight_ternary
+from .quant import fake_quant_activation_int8, fake_quant_weight_ternary, int8_codes_ste, ternary_codes_ste
 from .sparsify import topk_sparsify, validate_sparsity
 
-__all__ = ["LINEAR_KINDS", "LinearRecipe", "qsparse_linear"]
+__all__ = ["LINEAR_KINDS", "EXACT_K_MAX", "LinearRecipe", "bitnet_linear", "qsparse_linear", "scale_codes_product"]
+
+EXACT_K_MAX = (1 << 24) // 128
+"""Largest ``in_features`` for which the float32 int8×ternary sum is exact (``128·K ≤ 2^24``)."""
 
 LINEAR_KINDS = ("dense", "qsparse", "block_qsparse", "bitnet", "bitnet_qsparse")
 
@@ -87,11 +101,42 @@ class LinearRecipe:
         return fake_quant_weight_ternary(w, scale=scale) if self.quantized else w
 
 
+def scale_codes_product(
+    y_int: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``y_int · (s_x · s_w)`` in ``dtype``: the scales of an integer-code product, applied after
+    the (exact) sum; ``s_x`` per token ``[..., 1]`` float32, ``s_w`` 0-dim float32."""
+    return (y_int * (s_x * s_w)).to(dtype)
+
+
+def bitnet_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    absmax: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+    codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``y = (X_q · W_qᵀ) · (s_x · s_w) + b`` (module docstring: exact in float32 while
+    ``in_features`` ≤ :data:`EXACT_K_MAX`).  ``x`` is the (already sparsified) input; ``absmax`` /
+    ``weight_scale`` override the statistics (tensor parallelism); ``codes`` = precomputed
+    ``int8_codes_ste(x)``.  Gradients (straight-through): ``∂y/∂x = s_w·W_q``, ``∂y/∂W = s_x·X_q``,
+    the de-quantized product's."""
+    x_q, s_x = codes if codes is not None else int8_codes_ste(x, absmax=absmax)
+    w_q, s_w = ternary_codes_ste(weight, scale=weight_scale)
+    y = scale_codes_product(F.linear(x_q, w_q.to(x_q.dtype)), s_x, s_w, x.dtype)
+    return y if bias is None else y + bias
+
+
 def qsparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     recipe: LinearRecipe = LinearRecipe(),
 ) -> torch.Tensor:
-    """``y = prepare_input(x) · weight(W)ᵀ + b`` for the given :class:`LinearRecipe`."""
+    """``y = prepare_input(x) · weight(W)ᵀ + b`` for the given :class:`LinearRecipe` (BitNet kinds:
+    :func:`bitnet_linear` of the sparsified input, the same value computed exactly)."""
+    if recipe.quantized:
+        return bitnet_linear(recipe.sparsify(x), weight, bias)
     return F.linear(recipe.prepare_input(x), recipe.weight(weight), bias)

@@ -36,9 +36,9 @@ from .activations import glu_activation
 from .blocks import GLUMLP, Attention, DecoderBlock, MoEMLP, RMSNorm, cached_causal_mask, rope_tables
 from .configuration_qsparse import QSparseConfig
 from .dispatch import triton_kernels_for  # noqa: F401
-from .linear import LinearRecipe, qsparse_linear
+from .linear import LinearRecipe, qsparse_linear, scale_codes_product
 from .packing import unpack_ternary
-from .quant import fake_quant_weight_ternary  # noqa: F401
+from .quant import code_dtype, fake_quant_weight_ternary, quantize_activation_int8  # noqa: F401
 from .sparsify import topk_sparsify  # noqa: F401
 
 # The output field that carries the cache: ``cache`` in current transformers, ``past_key_values`` before.
@@ -64,22 +64,25 @@ class QSparseLinear(nn.Module):
         if self.packed:
             self.register_buffer("weight_packed", torch.zeros(out_features, (in_features + 3) // 4, dtype=torch.uint8))
             self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32))
-            self._dequantized = None
+            self._codes = None
         else:
             self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def _ternary_weight(self, dtype):
-        w = self._dequantized
+    def _ternary_codes(self, dtype):
+        w = self._codes
         if w is None or w.device != self.weight_packed.device or w.dtype != dtype:
-            w_q = unpack_ternary(self.weight_packed, self.in_features)
-            w = (w_q.float() * self.weight_scale.float()).to(dtype)
-            self._dequantized = w
+            w = unpack_ternary(self.weight_packed, self.in_features).to(dtype)
+            self._codes = w
         return w
 
     def forward(self, x):
-        if self.packed:  # weight already quantized: only the input side of the recipe remains
-            return F.linear(self.recipe.prepare_input(x), self._ternary_weight(x.dtype), self.bias)
+        if self.packed:  # weight already quantized: linear.py's exact product (X_q·W_qᵀ)·(s_x·s_w)
+            x_q, s_x = quantize_activation_int8(self.recipe.sparsify(x))
+            dtype = code_dtype(x.dtype)
+            y_int = F.linear(x_q.to(dtype), self._ternary_codes(dtype))
+            y = scale_codes_product(y_int, s_x, self.weight_scale.float(), x.dtype)
+            return y if self.bias is None else y + self.bias
         return qsparse_linear(x, self.weight, self.bias, self.recipe)
 
     def extra_repr(self):
