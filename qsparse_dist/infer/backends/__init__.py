@@ -1,8 +1,9 @@
 """Linear backends of the runtime and their registry.
 
 A backend is a factory ``(recipe, W_eff, bias, packed) -> nn.Module | None`` whose module computes
-``F.linear(recipe.prepare_input(x), W_eff, bias)`` (``None`` declines that projection; the runtime
-then uses ``torch``).  ``torch`` (:mod:`.torch_backend`; not ``torch.py``, which would shadow the ``torch`` package in this namespace) is always there; ``kernels`` (:mod:`.kernels`, the
+``F.linear(recipe.prepare_input(x), W_eff, bias)`` — for the BitNet kinds the same value as the exact
+integer-code product of :func:`qsparse_dist.ops.bitnet_linear` — (``None`` declines that projection;
+the runtime then uses ``torch``).  ``torch`` (:mod:`.torch_backend`; not ``torch.py``, which would shadow the ``torch`` package in this namespace) is always there; ``kernels`` (:mod:`.kernels`, the
 Triton GEMVs of :mod:`qsparse_dist.kernels`) is imported on first use, so the runtime loads without
 Triton.  :func:`register_linear_backend` adds others.  Backends import downward only (ops, kernels);
 the runtime (:mod:`qsparse_dist.infer.runtime`) picks one from :data:`LINEAR_BACKENDS`.
