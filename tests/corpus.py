@@ -1,6 +1,6 @@
 """The test corpus: the standard library's ``pydoc_data`` help topics, present on every Python.
 
-Tests need nothing outside the repository, so no test reads ``../shared``; this is their one source
+Tests need nothing outside the repository, so no test reads a folder beside the clone; this is their one source
 of natural-language text (the quickstart trains on the same topics).  ``corpus_text()`` joins the
 topics in sorted order after one paragraph of ``PANGRAMS`` and shapes them for the tests:
 
@@ -9,7 +9,7 @@ topics in sorted order after one paragraph of ``PANGRAMS`` and shapes them for t
   320-piece SentencePiece tokenizers with byte fallback: 256 byte pieces and 4 specials leave room
   for 60 required characters (``character_coverage`` 0.9995 drops the rarest).  The raw topics need
   88 and training fails; this corpus needs at most 57 on Python 3.11-3.13 for slices of 60 kB and
-  more, 59 for 20 kB (tinyshakespeare, the corpus before, 55).  The tiny HF BPE tokenizers (96 pieces, no byte fallback) keep every character.
+  more, 59 for 20 kB (the external corpus used before: 55).  The tiny HF BPE tokenizers (96 pieces, no byte fallback) keep every character.
 * Layout: no trailing blanks on a line, paragraphs separated by exactly one empty line, so
   ``[p for p in text.split("\\n\\n") if p.strip()]`` are exactly ``prepare-data``'s documents
   (default ``--text-unit paragraph``).
