@@ -41,14 +41,22 @@ def _rnd(v, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
-def _glu_fwd_kernel(h_ptr, y_ptr, N, F, ACT: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _load_halves(h_ptr, N, F, BLOCK: tl.constexpr):
+    """This program's output offsets ``offs`` ([rows, F] flattened), their mask, the matching gate
+    offsets ``src`` in ``h = [gate ‖ up]`` ([rows, 2F]; up is at ``src + F``) and both halves there,
+    in float32."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     row = offs // F
-    col = offs - row * F
-    src = row * (2 * F) + col
+    src = row * (2 * F) + (offs - row * F)
     g = tl.load(h_ptr + src, mask=m, other=0.0).to(tl.float32)
     u = tl.load(h_ptr + src + F, mask=m, other=0.0).to(tl.float32)
+    return offs, m, src, g, u
+
+
+@triton.jit
+def _glu_fwd_kernel(h_ptr, y_ptr, N, F, ACT: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs, m, src, g, u = _load_halves(h_ptr, N, F, BLOCK)
     if ACT == 0:
         r = tl.maximum(g, 0.0)
         y = u * _rnd(r * r, OUT_KIND)
@@ -62,13 +70,7 @@ def _glu_fwd_kernel(h_ptr, y_ptr, N, F, ACT: tl.constexpr, OUT_KIND: tl.constexp
 @triton.jit
 def _glu_bwd_kernel(h_ptr, dy_ptr, dh_ptr, N, F, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
                     BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < N
-    row = offs // F
-    col = offs - row * F
-    src = row * (2 * F) + col
-    g = tl.load(h_ptr + src, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(h_ptr + src + F, mask=m, other=0.0).to(tl.float32)
+    offs, m, src, g, u = _load_halves(h_ptr, N, F, BLOCK)
     dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if ACT == 0:
         r = tl.maximum(g, 0.0)
