@@ -9,6 +9,13 @@
   host only for CUDA tensors; gloo's ``all_to_all_single`` needs them there.
 * :func:`model_parallel_cpu_manual_seed` / :func:`reset_rng_tracker` (CPU only / teardown) — set and
   clear megatron's module-level RNG tracker (``_CUDA_RNG_STATE_TRACKER``).
+* :func:`local_token_dispatcher_class` — a subclass of 0.16.1's ``MoEAlltoAllTokenDispatcher`` for
+  an expert layout without communication (expert-TP × EP group of size 1, dropless, no padding):
+  the parent copies ``tokens_per_expert`` to the host and waits for it (``cuda_sync_point``
+  "before_permutation_2"), and its unfused ``permute`` sizes its output with ``masked_select`` (a
+  host sync each); this one permutes with ``nonzero_static`` (the output size ``tokens · top_k`` is
+  static when dropless), skips the identity chunk sorts and returns ``tokens_per_expert`` on the
+  device — no host sync from router to combine.
 * :func:`quiet_unknown_mlp_warning` — a log filter, not a patch: ``TransformerLayer`` warns
   "Unknown MLP type … Using default kwargs." for every layer whose MLP class is not megatron's own
   ``MLP`` (ours is the subclass ``QSparseMLP``, whose default kwargs are the right ones).
@@ -25,7 +32,7 @@ from .versions import require
 
 __all__ = ["TE_NAMES", "define_missing_te_names", "use_host_split_sizes",
            "cpu_rng_tracker_class", "model_parallel_cpu_manual_seed", "reset_rng_tracker",
-           "quiet_unknown_mlp_warning"]
+           "quiet_unknown_mlp_warning", "local_dispatch_eligible", "local_token_dispatcher_class"]
 
 PACKAGE = "megatron-core"
 
@@ -144,6 +151,79 @@ def reset_rng_tracker() -> None:
 
     mrandom._CUDA_RNG_STATE_TRACKER = None
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+
+def local_dispatch_eligible(config, pg_collection) -> bool:
+    """Whether the MoE layer of ``config`` needs no token communication and no capacity logic, so
+    :func:`local_token_dispatcher_class` can replace megatron's dispatcher: expert TP × EP group of
+    size 1 (every local expert is a global one; attention TP/SP only shards the tokens), dropless
+    (no capacity factor, no padding to capacity or for quantization) and no shared experts."""
+    group = getattr(pg_collection, "tp_ep", None)
+    return (
+        group is not None and group.size() == 1
+        and config.moe_token_dispatcher_type in ("alltoall", "allgather")
+        and config.moe_expert_capacity_factor is None
+        and not config.moe_pad_expert_input_to_capacity
+        and not getattr(config, "moe_router_padding_for_quantization", False)
+        and not config.moe_permute_fusion
+        and not config.moe_shared_expert_intermediate_size
+    )
+
+
+_DISPATCHER_CLASS = None
+
+
+def local_token_dispatcher_class():
+    """``LocalTokenDispatcher``: megatron's alltoall dispatcher for a layout where
+    :func:`local_dispatch_eligible` holds — permutation on the device, no host sync (built on first use
+    so that importing this module does not import megatron)."""
+    global _DISPATCHER_CLASS
+    if _DISPATCHER_CLASS is not None:
+        return _DISPATCHER_CLASS
+    require(PACKAGE, "token_dispatcher.MoEAlltoAllTokenDispatcher subclass (local, sync-free)")
+    from megatron.core.transformer.moe.moe_utils import unpermute
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    class LocalTokenDispatcher(MoEAlltoAllTokenDispatcher):
+        """Tokens stay on this rank: permute by expert (megatron's order: expert-major, token order
+        inside an expert), run the experts, un-permute.  ``tokens_per_expert`` stays on the device."""
+
+        def dispatch_preprocess(self, hidden_states, routing_map, probs):
+            self.hidden_shape = hidden_states.shape
+            self.probs, self.routing_map = probs, routing_map
+            hidden_states = hidden_states.view(-1, self.hidden_shape[-1])
+            self.hidden_shape_before_permute = hidden_states.shape
+            n = routing_map.size(0)
+            # flat index e·n + t of every routed (token t, expert e), expert-major like masked_select;
+            # dropless routing puts exactly top_k experts on every token, so the size is static
+            flat = torch.nonzero_static(routing_map.T.contiguous().view(-1),
+                                        size=n * self.config.moe_router_topk).squeeze(1)
+            token = flat % n
+            self.reversed_local_input_permutation_mapping = token
+            self.tokens_per_expert = routing_map.sum(dim=0).long()
+            permuted_probs = probs.T.contiguous().view(-1).index_select(0, flat)
+            return hidden_states.index_select(0, token), permuted_probs
+
+        def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
+            return permutated_local_input_tokens, permuted_probs
+
+        def dispatch_postprocess(self, global_input_tokens, global_probs):
+            tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
+            return global_input_tokens, tokens_per_expert, global_probs
+
+        def combine_preprocess(self, hidden_states):
+            return hidden_states
+
+        def token_combine(self, hidden_states, async_finish: bool = True, allocate_on_comm_stream: bool = True):
+            return hidden_states
+
+        def combine_postprocess(self, permutated_local_input_tokens):
+            output = unpermute(permutated_local_input_tokens, self.reversed_local_input_permutation_mapping,
+                               restore_shape=self.hidden_shape_before_permute)
+            return output.view(self.hidden_shape)
+
+    _DISPATCHER_CLASS = LocalTokenDispatcher
+    return _DISPATCHER_CLASS
 
 
 class _DropUnknownMLP(logging.Filter):

@@ -2,7 +2,9 @@
 (:mod:`qsparse_dist.model.megatron.gpt`), the training engine and the checkpoint shards share.
 
 Layout: megatron-core's ``MoELayer.experts`` with expert tensor-parallel size 1 (every expert whole on
-its expert-parallel rank).  Three predicates:
+its expert-parallel rank).  Both expert modules of our spec — the grouped-GEMM
+``QSparseGroupedMLP`` (default) and the per-expert ``QSparseSequentialMLP`` — hold one parameter per
+expert and projection, ``….mlp.experts.local_experts.{e}.linear_fc{1,2}.weight``.  Three predicates:
 
 * :func:`is_expert_parameter` — by name, valid at every EP size and pipeline stage (megatron's
   ``allreduce=False`` flag marks experts only at EP > 1);

@@ -8,7 +8,10 @@ Starting from megatron's local spec (``get_gpt_layer_local_spec``) we replace:
     self_attention.core_attention                       → :class:`SDPACoreAttention`
     mlp (dense)                                         → :class:`QSparseMLP`(activation)
     mlp.linear_fc1 / linear_fc2                         → Column(recipe=up) / Row(recipe=down)
-    mlp.experts (MoE)                                   → :class:`QSparseSequentialMLP` of QSparseMLP
+    mlp (MoE)                                           → :class:`~.experts.QSparseMoELayer` (sync-free local dispatch)
+    mlp.experts (MoE)                                   → :class:`~.experts.QSparseGroupedMLP` (grouped GEMM) or,
+                                                          ``model.moe.grouped_gemm=false``, :class:`QSparseSequentialMLP`;
+                                                          both hold the same QSparseMLP experts (same state dict)
 
 ``QSparseRMSNorm`` is the reference RMSNorm (same float32 formula) accepting megatron's constructor
 and marking its weight ``sequence_parallel`` under SP (megatron's ``WrappedTorchNorm`` refuses SP);
@@ -24,17 +27,12 @@ RoPE from liger-kernel, the GLU from :mod:`qsparse_dist.kernels.glu`); RoPE then
 megatron's attention into :class:`SDPACoreAttention` (:class:`QSparseSelfAttention` hands it the
 angles), which applies it while laying q/k out for SDPA.  CPU runs the eager code above.
 
-``QSparseMLP`` applies ``qsparse_dist.ops.glu_activation`` (relu2glu | drelu | swiglu) to the fused
-fc1 output (rank-local ``[gate_r ‖ up_r]``) — dReLU gates *both* halves, which megatron's
-``activation(gate)·up`` form cannot express — and, for MoE experts, multiplies the router
-probability into the expert *output* (the reference's ``expert(h)·p``; megatron 0.16.1 multiplies it
-into the fc2 input, which would change the BitNet int8 quantization of fc2's input).
+``QSparseMLP`` / ``QSparseSequentialMLP``: :mod:`.mlp`; the grouped MoE experts and layer: :mod:`.experts`.
 """
 
 from __future__ import annotations
 
 import math
-from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +40,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -52,8 +48,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ...config.schema import RunConfig
 from ...layers import fused
 from ...layers.parallel_linear import QSparseColumnParallelLinear, QSparseRowParallelLinear
-from ...ops import glu_activation
 from ..blocks import RMSNorm
+from .experts import QSparseGroupedMLP, QSparseMoELayer
+from .mlp import QSparseMLP, QSparseSequentialMLP
 
 __all__ = [
     "SDPACoreAttention",
@@ -130,62 +127,9 @@ class SDPACoreAttention(DotProductAttention):
         return y.permute(2, 0, 1, 3).reshape(y.shape[2], y.shape[0], -1)
 
 
-class QSparseMLP(MLP):
-    """megatron ``MLP`` computing ``fc2(act([gate ‖ up] = fc1(x)))`` with a named GLU activation.
-
-    ``per_token_scale`` (MoE router probabilities) scales the output rows.
-    """
-
-    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, *, activation: str = "relu2glu",
-                 **kwargs) -> None:
-        if not config.gated_linear_unit:
-            raise ValueError("QSparseMLP needs config.gated_linear_unit=True (fused [gate ‖ up] fc1)")
-        super().__init__(config, submodules, **kwargs)
-        self.activation = activation
-        self.glu = glu_activation(activation)
-
-    def forward(self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None, **kwargs):
-        h, bias = self.linear_fc1(hidden_states)
-        if bias is not None:
-            h = h + bias
-        act = fused.glu(h, self.activation) if fused.fused_enabled(h) else self.glu(h)
-        out, out_bias = self.linear_fc2(act)
-        if per_token_scale is not None:
-            if out_bias is not None:
-                out, out_bias = out + out_bias, None
-            out = (out * per_token_scale.unsqueeze(-1)).to(out.dtype)
-        return out, out_bias
-
-
-class QSparseSequentialMLP(SequentialMLP):
-    """megatron ``SequentialMLP`` whose local experts are :class:`QSparseMLP`.
-
-    ``SequentialMLP.__init__`` hard-codes ``MLP`` for its experts, so this constructor reproduces it
-    (config override for ``moe_ffn_hidden_size``, the EP / expert-TP / expert-DP groups) with our MLP.
-    """
-
-    def __init__(self, num_local_experts: int, config: TransformerConfig, submodules: MLPSubmodules,
-                 pg_collection=None, *, activation: str = "relu2glu") -> None:
-        if pg_collection is None:
-            raise ValueError("QSparseSequentialMLP needs the pg_collection megatron's MoELayer passes")
-        if config.moe_ffn_hidden_size != config.ffn_hidden_size:
-            config = deepcopy(config)
-            config.ffn_hidden_size = config.moe_ffn_hidden_size
-        MegatronModule.__init__(self, config=config)
-        self.num_local_experts = num_local_experts
-        self.ep_group = pg_collection.ep
-        self.tp_group = pg_collection.expt_tp
-        self.dp_group = pg_collection.expt_dp
-        self.local_experts = torch.nn.ModuleList(
-            QSparseMLP(self.config, submodules, activation=activation,
-                       ffn_hidden_size=self.config.moe_ffn_hidden_size, is_expert=True,
-                       tp_group=pg_collection.expt_tp)
-            for _ in range(num_local_experts)
-        )
-
-
 def _linear(cls: type, cfg: RunConfig, projection: str) -> ModuleSpec:
-    return ModuleSpec(module=cls, params={"recipe": cfg.sparsity.recipe(projection), "projection": projection})
+    return ModuleSpec(module=cls, params={"recipe": cfg.sparsity.recipe(projection), "projection": projection,
+                                          "sparse_tensor_cores": cfg.sparsity.sparse_tensor_cores})
 
 
 def get_qsparse_layer_spec(cfg: RunConfig) -> ModuleSpec:
@@ -207,8 +151,12 @@ def get_qsparse_layer_spec(cfg: RunConfig) -> ModuleSpec:
     if m.moe is None:
         layer.mlp = ModuleSpec(module=QSparseMLP, submodules=mlp_sub, params={"activation": m.ffn_activation})
     else:  # 0.16.1: the mlp slot is a ModuleSpec(MoELayer) with .submodules.experts a ModuleSpec
+        grouped = m.moe.grouped_gemm
+        if grouped:
+            layer.mlp.module = QSparseMoELayer
         layer.mlp.submodules.experts = ModuleSpec(
-            module=QSparseSequentialMLP, submodules=mlp_sub, params={"activation": m.ffn_activation}
+            module=QSparseGroupedMLP if grouped else QSparseSequentialMLP, submodules=mlp_sub,
+            params={"activation": m.ffn_activation},
         )
         layer.mlp.submodules.shared_experts = None
     return spec
