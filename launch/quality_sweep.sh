@@ -6,7 +6,8 @@
 # the others cosine.  Then `qsparse-dist report` writes the table and plots.
 #
 #   bash launch/quality_sweep.sh DATA_DIR OUT_DIR [STEPS=300] [KIND ...]
-#   KIND: dense qsparse40 qsparse60 block16_32 bitnet bitnet_qsparse60 (default: all six)
+#   KIND: dense qsparse40 qsparse60 block16_32 block2_4 bitnet bitnet_qsparse60 (default: all but block2_4)
+#   block2_4 = N:M 2:4 (Block Q-Sparse, block_size 4; sparsity.sparse_tensor_cores=auto: dense GEMM, docs/ops.md)
 # One step = 32 sequences × 1024 tokens = 32,768 tokens; STEPS=300 ≈ 9.8M tokens per run.
 set -euo pipefail
 DATA="$1"; OUT="$2"; STEPS="${3:-300}"; shift $(( $# >= 3 ? 3 : $# ))
@@ -23,6 +24,7 @@ for kind in "${KINDS[@]}"; do
     qsparse40)        cfg=configs/gpt_125m_qsparse.yaml;        ov="$(all4 0.4)" ;;
     qsparse60)        cfg=configs/gpt_125m_qsparse.yaml;        ov="$(all4 0.6)" ;;
     block16_32)       cfg=configs/gpt_125m_qsparse.yaml;        ov="sparsity.linear=block_qsparse sparsity.block_size=32 $(all4 0.5)" ;;
+    block2_4)         cfg=configs/gpt_125m_qsparse.yaml;        ov="sparsity.linear=block_qsparse sparsity.block_size=4 $(all4 0.5)" ;;
     bitnet)           cfg=configs/gpt_125m_bitnet_qsparse.yaml; ov="sparsity.linear=bitnet $(all4 0.0)" ;;
     bitnet_qsparse60) cfg=configs/gpt_125m_bitnet_qsparse.yaml; ov="$(all4 0.6)" ;;
     *) echo "quality_sweep.sh: unknown kind $kind" >&2; exit 2 ;;

@@ -115,6 +115,110 @@ def test_quantize_rows_int8_matches_quantizer(torch_ops):
     assert torch.equal(q0, qr0) and torch.equal(s0, sr0[..., 0])
 
 
+TRAIN_FAMILY_CASES = [  # (family, width, block_size): widths not powers of two, N:M blocks
+    ("bisect", 300, None), ("bisect", 64, 32), ("swar", 300, None), ("swar", 66, None), ("swar", 64, 16),
+    ("swar", 64, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("family,d,block_size", TRAIN_FAMILY_CASES)
+def test_training_select_families_identical_to_reference(family, d, block_size, dtype, monkeypatch, torch_ops):
+    """Both training selection kernels (bit bisection with the lazy tie scan; the same on two 16-bit
+    keys per 32-bit word) give the torch mask, ties to the lowest index, and the fused int8
+    fake-quant of the same input."""
+    import qsparse_dist.kernels.topk as tk
+
+    monkeypatch.setattr(tk, "SELECT_OVERRIDE", family)
+    monkeypatch.setattr(tk, "LAZY_TIES_MIN_ROWS", 0)
+    x = _x(5, d, dtype, seed=d + (block_size or 0))
+    x[2, : d // 2] = -x[2, d // 2: 2 * (d // 2)]  # pairs of equal magnitude, opposite signs
+    x[3, : d - d // 4] = 0  # mostly zeros (ReLU²GLU's output): the threshold is 0, ties at 0
+    for sparsity in (0.4, 0.5, 0.8):
+        assert torch.equal(topk_mask_triton(x, sparsity, block_size=block_size),
+                           topk_mask(x, sparsity, block_size=block_size)), sparsity
+    ref = topk_sparsify(x, 0.5, block_size=block_size)
+    assert torch.equal(topk_sparsify_triton(x, 0.5, block_size=block_size), ref)
+    if family == "bisect":  # (swar has no fake-quant epilogue: BitNet training takes the codes)
+        got = topk_sparsify_triton(x, 0.5, block_size=block_size, quantize=True)
+        assert torch.equal(got, fake_quant_activation_int8(ref))
+
+
+@pytest.mark.parametrize("family", ["bisect", "swar"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size,ste", [(None, True), (None, False), (8, True)])
+def test_topk_codes_same_values_and_gradients_as_ops(family, dtype, block_size, ste, monkeypatch, torch_ops):
+    """BitNet + Q-Sparse in one pass (``topk_codes_triton``): codes, scales and the straight-through
+    gradient equal ``int8_codes_ste(topk_sparsify(x))`` of the ops."""
+    import qsparse_dist.kernels.topk as tk
+    from qsparse_dist.kernels.codes_scale import topk_codes_triton
+    from qsparse_dist.ops import int8_codes_ste
+
+    monkeypatch.setattr(tk, "SELECT_OVERRIDE", family)
+    x0 = _x(4, 136, dtype, seed=17)
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    q, s = topk_codes_triton(x, 0.4, block_size=block_size, ste=ste)
+    qr, sr = int8_codes_ste(topk_sparsify(xr, 0.4, block_size=block_size, ste=ste))
+    assert q.dtype == qr.dtype and s.dtype == sr.dtype == torch.float32
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype).to(DEV)
+    (q * g).sum().backward()
+    (qr * g).sum().backward()
+    assert torch.equal(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scale_codes_product_kernel_bitwise(dtype, monkeypatch):
+    """BitNet's ``(y_int · (s_x·s_w)).to(dtype)`` and its gradient, one pass each way on the kernel,
+    bit for bit the torch ops' float32 arithmetic (several column blocks, a masked tail, 3-D input)."""
+    import qsparse_dist.kernels.codes_scale as cs
+    from qsparse_dist.ops.linear import scale_codes_product
+
+    calls = []
+    orig = cs._ScaleCodesProduct.apply
+    monkeypatch.setattr(cs._ScaleCodesProduct, "apply", lambda *a: calls.append(1) or orig(*a))
+    g = torch.Generator().manual_seed(8)
+    y0 = (torch.randint(-3000, 3000, (2, 3, 2100), generator=g).float() * 1.37).to(dtype).to(DEV)
+    s_x = (torch.rand(2, 3, 1, generator=g) * 0.05 + 1e-3).to(DEV)
+    s_w = torch.tensor(0.0173, device=DEV)
+    gout = torch.randn(2, 3, 2100, generator=g).to(dtype).to(DEV)
+    res = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("QSPARSE_TRITON", flag)
+        y = y0.clone().requires_grad_()
+        out = scale_codes_product(y, s_x, s_w, dtype)
+        out.backward(gout)
+        res[flag] = (out, y.grad)
+    assert calls == [1]
+    assert res["1"][0].dtype == dtype
+    assert torch.equal(res["0"][0], res["1"][0]) and torch.equal(res["0"][1], res["1"][1])
+    q = cs.scale_rows(gout, s_x, divide=True)  # the codes' straight-through backward, grad / s_x
+    assert torch.equal(q, (gout / s_x).to(dtype))
+
+
+def test_bitnet_layer_input_codes_take_the_fused_kernel(monkeypatch):
+    """``tp_input_codes`` (BitNet megatron linears, TP = 1) dispatches to the fused top-K + codes
+    kernel and gives the torch path's codes, scales and gradients."""
+    import qsparse_dist.kernels.codes_scale as cs
+    from qsparse_dist.layers.global_topk import tp_input_codes
+
+    calls = []
+    orig = cs._TopKCodesSTE.apply
+    monkeypatch.setattr(cs._TopKCodesSTE, "apply", lambda *a: calls.append(a[1:]) or orig(*a))
+    x0 = _x(2, 3 * 48, torch.bfloat16, seed=4).reshape(2, 3, 48)
+    r = LinearRecipe(kind="bitnet_qsparse", sparsity=0.6)
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("QSPARSE_TRITON", flag)
+        x = x0.clone().requires_grad_()
+        q, s = tp_input_codes(x, r, None)
+        (q.float() * torch.arange(48, device=DEV)).sum().backward()
+        out[flag] = (q, s, x.grad)
+    assert len(calls) == 1
+    for a, b in zip(out["0"], out["1"]):
+        assert torch.equal(a, b)
+
+
 def test_ops_dispatch_uses_kernels(monkeypatch):
     """The ops hooks call the kernels (forced on CPU with QSPARSE_TRITON=1) and agree with torch."""
     import qsparse_dist.kernels.topk as tk

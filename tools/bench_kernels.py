@@ -297,6 +297,110 @@ def bench_train_topk(args):
     return rows
 
 
+TRAIN_1P3B = (  # (label, tokens, width, sparsity, N:M block): the gpu-1.3b preset's top-K inputs per micro-batch
+    ("qkv/out/up 40%", 16384, 2048, 0.4, None),
+    ("down 50%", 16384, 5504, 0.5, None),
+    ("qkv/out/up 40% N:M /32", 16384, 2048, 0.4, 32),
+    ("down 50% N:M /32", 16384, 5504, 0.5, 32),
+)
+
+
+def bench_train_topk_1p3b(args, copy_gbs: float):
+    """ms per call of every applicable selection kernel (``topk.SELECT_OVERRIDE``: bisect, swar) on
+    the 1.3B training shapes, bf16: top-K (``y = x ⊙ M``) and BitNet's top-K + int8 codes
+    (``quant=3``), each checked against the torch ops first; achieved read+write bandwidth vs the copy
+    bandwidth; the autotuner's time per launch config (GPU time, L2 flushed); the earlier BitNet
+    path (top-K kernel, then the torch codes) for comparison."""
+    import qsparse_dist.kernels.topk as tk
+    from qsparse_dist.kernels.codes_scale import topk_codes_triton
+    from qsparse_dist.ops import int8_codes_ste
+
+    rows = []
+    families = args.families.split(",") if args.families else None
+    for label, t, d, sp, block in TRAIN_1P3B[:3] if args.quick else TRAIN_1P3B:
+        torch.manual_seed(0)
+        x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
+        with TorchOps():
+            ref = topk_sparsify(x, sp, block_size=block)
+            ref_q, ref_s = int8_codes_ste(ref)
+        with TorchOps():  # the CPU op divides by 127 exactly, as the kernels do; CUDA torch multiplies by 1/127
+            cpu_q, cpu_s = int8_codes_ste(topk_sparsify(x.cpu(), sp, block_size=block))
+        x2d = x.reshape(-1, block or d)
+        kk = kept_count(block or d, sp)
+        fams = [f for f in tk._families(block or d, kk, 0, False, False) if families is None or f in families]
+        nbytes = 2 * 2 * x.numel()  # read x, write y (bf16)
+        y_copy = torch.empty_like(x)
+        copy_ms = eager_time_ms(lambda: y_copy.copy_(x), iters=20)
+        y_copy = None
+        for fam in fams:
+            tk.SELECT_OVERRIDE = fam
+            row = {"op": label, "family": fam, "shape": f"[{t},{d}]", "same_bytes_copy_ms": copy_ms}
+            try:
+                row["mask_identical"] = bool(torch.equal(topk_rows(x2d, kk)["y"].reshape(x.shape), ref))
+            except Exception as e:  # noqa: BLE001  (recorded; the other families still run)
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(row)
+                print(f"[train top-K 1.3B] {row}", flush=True)
+                continue
+            row["topk_ms"] = eager_time_ms(lambda: topk_rows(x2d, kk), iters=20)
+            row["topk_GBs"] = nbytes / row["topk_ms"] / 1e6
+            row["topk_of_copy"] = row["topk_GBs"] / copy_gbs
+            tuned = {"bisect": tk._topk_rows_kernel_tuned, "swar": tk._topk_rows_swar_kernel_tuned}[fam]
+            timings = getattr(tuned, "configs_timings", None) or {}
+            row["tune_ms"] = "; ".join(f"{c}: {(v[0] if isinstance(v, (list, tuple)) else v):.4f}"
+                                       for c, v in timings.items())
+            if block is None or fam == "bisect":
+                q, s = topk_codes_triton(x, sp, block_size=block)
+                row["codes_identical_vs_cuda_torch"] = bool(torch.equal(q, ref_q) and torch.equal(s, ref_s))
+                row["codes_identical_vs_cpu_torch"] = bool(torch.equal(q.cpu(), cpu_q) and torch.equal(s.cpu(), cpu_s))
+                row["codes_ms"] = eager_time_ms(lambda: topk_codes_triton(x, sp, block_size=block), iters=20)
+                row["codes_GBs"] = nbytes / row["codes_ms"] / 1e6
+            rows.append(row)
+            print(f"[train top-K 1.3B] {row}", flush=True)
+        tk.SELECT_OVERRIDE = None
+        old_ms = eager_time_ms(lambda: int8_codes_ste(topk_sparsify(x, sp, block_size=block)), iters=20)
+        rows.append({"op": label, "family": "top-K kernel, then torch codes (before)", "shape": f"[{t},{d}]",
+                     "old_bitnet_path_ms": old_ms})
+        print(f"[train top-K 1.3B] {rows[-1]}", flush=True)
+        x = ref = ref_q = cpu_q = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_bitnet_scales(args, copy_gbs: float):
+    """BitNet's scales after the integer-code matmul on the 1.3B outputs (``[16384, N]`` bf16, N =
+    qkv 6144 / out 2048 / fc1 11008): torch ``(y_int * (s_x*s_w)).to(bf16)`` + its backward against
+    the one-pass kernel (:mod:`qsparse_dist.kernels.codes_scale`), bitwise compared first."""
+    from qsparse_dist.kernels.codes_scale import scale_codes_product_triton
+    from qsparse_dist.ops.linear import scale_codes_product
+
+    rows = []
+    for n in (6144, 2048, 11008):
+        y = (torch.randint(-4000, 4000, (16384, n), device="cuda").float()).to(torch.bfloat16).requires_grad_()
+        s_x = torch.rand(16384, 1, device="cuda") * 0.05 + 1e-3
+        s_w = torch.tensor(0.0173, device="cuda")
+        g = torch.randn(16384, n, device="cuda", dtype=torch.bfloat16)
+        row = {"op": f"scale codes product [16384,{n}] fwd+bwd"}
+        with TorchOps():
+            ref = scale_codes_product(y, s_x, s_w, torch.bfloat16)
+            (ref_g,) = torch.autograd.grad(ref, y, g)
+        out = scale_codes_product_triton(y, s_x, s_w, torch.bfloat16)
+        (out_g,) = torch.autograd.grad(out, y, g)
+        row["identical"] = bool(torch.equal(out, ref) and torch.equal(out_g, ref_g))
+        with TorchOps():
+            row["torch_ms"] = eager_time_ms(
+                lambda: torch.autograd.grad(scale_codes_product(y, s_x, s_w, torch.bfloat16), y, g), iters=10)
+        row["kernel_ms"] = eager_time_ms(
+            lambda: torch.autograd.grad(scale_codes_product_triton(y, s_x, s_w, torch.bfloat16), y, g), iters=10)
+        row["kernel_GBs"] = 2 * 2 * 2 * y.numel() / row["kernel_ms"] / 1e6  # fwd + bwd, 16-bit in and out
+        row["kernel_of_copy"] = row["kernel_GBs"] / copy_gbs
+        rows.append(row)
+        print(f"[bitnet scales] {row}", flush=True)
+        y = g = ref = out = ref_g = out_g = None
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_row_topk(args):
     """Latency of the top-K selection on one token row (decode), 1-bit vs 2-bit radix steps."""
     import qsparse_dist.kernels.topk as tk
@@ -383,7 +487,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and configs")
-    ap.add_argument("--only", default="gemv,batch,topk,block", help="comma list of sections")
+    ap.add_argument("--families", default=None,
+                    help="train_topk: comma list of selection families to time (default: every applicable one)")
+    ap.add_argument("--only", default="gemv,batch,topk,block",
+                    help="comma list of sections: gemv, batch, topk, train_topk (1.3B training shapes), block")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU (the kernels are tested on CPU by tests/test_kernels.py)")
@@ -408,6 +515,11 @@ def main(argv=None) -> int:
         res["row_topk"] = bench_row_topk(args)
         res["train_topk"] = bench_train_topk(args)
         _save(res, args.json)
+    if "train_topk" in only:
+        res["train_topk_1p3b"] = bench_train_topk_1p3b(args, info["copy_GBs_read+write"])
+        _save(res, args.json)
+        res["bitnet_scales"] = bench_bitnet_scales(args, info["copy_GBs_read+write"])
+        _save(res, args.json)
     if "block" in only:
         res["train_block"] = bench_train_block(args)
         _save(res, args.json)
@@ -428,6 +540,15 @@ def main(argv=None) -> int:
                                         "triton_GBs",
                                         "torch_fwd_quant_ms", "triton_fwd_quant_ms", "mask_identical",
                                         "quant_identical", "quant_identical_vs_cpu_torch"])
+    if "train_topk_1p3b" in res:
+        print("\n== training top-K on the 1.3B shapes (bf16; GB/s = read x + write y) ==")
+        print_table(res["train_topk_1p3b"], ["op", "family", "mask_identical", "same_bytes_copy_ms", "topk_ms",
+                                             "topk_GBs", "topk_of_copy",
+                                             "codes_ms", "codes_GBs", "codes_identical_vs_cuda_torch",
+                                             "codes_identical_vs_cpu_torch",
+                                             "old_bitnet_path_ms"])
+    if "bitnet_scales" in res:
+        print_table(res["bitnet_scales"], ["op", "identical", "torch_ms", "kernel_ms", "kernel_GBs", "kernel_of_copy"])
     if "train_block" in res:
         print("\n== transformer block fwd+bwd ==")
         print_table(res["train_block"], ["block", "tokens", "fwd_bwd_ms", "TFLOPs", "MFU_vs_989", "vs_dense"])

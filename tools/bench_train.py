@@ -50,6 +50,11 @@ KINDS = {
     "dense": _DENSE,
     "qsparse": ["sparsity.linear=qsparse"],
     "block_qsparse": ["sparsity.linear=block_qsparse", "sparsity.block_size=32"],
+    # 2:4 Block Q-Sparse (issue 20): default (dense GEMM, one-pass 2:4 selection) and on sparse tensor cores
+    "block24": ["sparsity.linear=block_qsparse", "sparsity.block_size=4", *[f"sparsity.{p}=0.5" for p in
+                                                                           ("qkv", "out", "up", "down")]],
+    "block24_stc": ["sparsity.linear=block_qsparse", "sparsity.block_size=4", "sparsity.sparse_tensor_cores=on",
+                    *[f"sparsity.{p}=0.5" for p in ("qkv", "out", "up", "down")]],
     "bitnet": ["sparsity.linear=bitnet"],
     "bitnet_qsparse": ["sparsity.linear=bitnet_qsparse"],
     "dense_unfused": _DENSE,

@@ -71,6 +71,28 @@ def check_sparsity(s: SparsityConfig) -> None:
         raise ValueError(
             f"block_size is only valid with linear='block_qsparse' or 'bitnet_qsparse', not {s.linear!r}"
         )
+    if s.sparse_tensor_cores == "on":
+        _check_sparse24_on(s)
+
+
+def _check_sparse24_on(s: SparsityConfig) -> None:
+    """``sparse_tensor_cores='on'`` needs 2:4 Block Q-Sparse: block_qsparse, block_size 4, every
+    projection with top-K keeping 2 of 4, the STE and no re-scale."""
+    from ..ops.sparsify import kept_count
+
+    why = "sparsity.sparse_tensor_cores='on' needs 2:4 Block Q-Sparse"
+    if s.linear != "block_qsparse":
+        raise ValueError(f"{why}: sparsity.linear must be 'block_qsparse', got {s.linear!r}")
+    if s.block_size != 4:
+        raise ValueError(f"{why}: sparsity.block_size must be 4, got {s.block_size!r}")
+    for p in ("qkv", "out", "up", "down"):
+        v = getattr(s, p)
+        if v > 0 and kept_count(4, v) != 2:
+            raise ValueError(f"{why}: sparsity.{p}={v} keeps {kept_count(4, v)} of 4 (use 0.5, or 0 for dense)")
+    if not s.ste:
+        raise ValueError(f"{why}: sparsity.ste must be true (the sparse path's backward is the STE)")
+    if s.rescale:
+        raise ValueError(f"{why}: sparsity.rescale must be false")
 
 
 def check_sequence_parallel(p: ParallelConfig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..ops.linear import LinearRecipe
 from . import rules
@@ -45,6 +45,9 @@ class MoEConfig(_Section):
     aux_loss_coeff: float = Field(default=1e-2, ge=0)
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     ffn_hidden_size: int | None = Field(default=None, ge=1)
+    grouped_gemm: bool = Field(default=True, description="experts through one grouped GEMM per projection "
+                               "and, where no token crosses ranks, a dispatcher without host syncs; "
+                               "False: megatron's per-expert loop and dispatcher")
 
     @model_validator(mode="after")
     def _topk_le_experts(self) -> MoEConfig:
@@ -99,11 +102,23 @@ class SparsityConfig(_Section):
     block_size: int | None = Field(default=None, ge=1)
     ste: bool = True
     rescale: bool = False
+    sparse_tensor_cores: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="2:4 Block Q-Sparse (block_size=4, 2 of 4 kept) on sparse tensor cores: on = required, "
+        "auto = only where measured faster (not on the H200 with torch 2.11), off = dense masked matmul; "
+        "see docs/ops.md",
+    )
     ramp_steps: int = Field(
         default=0, ge=0,
         description="ramp every projection's sparsity linearly from 0 to its target over the first "
         "ramp_steps optimizer steps (0 = target from the start); see qsparse_dist.train.sparsity_ramp",
     )
+
+    @field_validator("sparse_tensor_cores", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: object) -> object:
+        """YAML 1.1 reads a bare ``on`` / ``off`` as a boolean."""
+        return ("on" if v else "off") if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _kind(self) -> SparsityConfig:

@@ -1,5 +1,6 @@
 """All Triton code of the project: training kernels (top-K mask, mask+STE, N:M, fused int8 fake-quant
-in :mod:`.topk`; the fused GLU activation in :mod:`.glu`) and decode kernels (sparse / ternary GEMVs in
+and BitNet input codes in :mod:`.topk`; the scales around BitNet's integer-code product in
+:mod:`.codes_scale`; the fused GLU activation in :mod:`.glu`) and decode kernels (sparse / ternary GEMVs in
 :mod:`.gemv` and :mod:`.ternary_dp4a`, radix top-K in :mod:`.select`, the fused decode prologue,
 RoPE/KV-cache and attention kernels plus :class:`~.decoder.DecodeLinear` in :mod:`.decoder`, tile
 tuning in :mod:`.tune`).
@@ -96,16 +97,53 @@ def _topk_mask(x, sparsity, *, block_size=None):
     return topk_mask_triton(x, sparsity, block_size=block_size)
 
 
+def _keeps_2_of_4(sparsity) -> bool:
+    from ..ops.sparsify import kept_count
+
+    try:
+        return kept_count(4, sparsity) == 2
+    except ValueError:
+        return False
+
+
 def _topk_sparsify(x, sparsity, *, block_size=None, ste=True, quantize=False):
+    if block_size == 4 and ste and not quantize and _keeps_2_of_4(sparsity):  # one-pass 2:4 kernel, same values
+        from .sparse24 import sparse24_sparsify_ste
+
+        return sparse24_sparsify_ste(x)
     from .topk import topk_sparsify_triton
 
     return topk_sparsify_triton(x, sparsity, block_size=block_size, ste=ste, quantize=quantize)
 
 
+def _sparse24_linear(x, weight, bias=None):
+    from .sparse24 import sparse24_linear
+
+    return sparse24_linear(x, weight, bias)
+
+
+def _topk_codes(x, sparsity, *, block_size=None, ste=True):
+    from .codes_scale import topk_codes_triton
+
+    return topk_codes_triton(x, sparsity, block_size=block_size, ste=ste)
+
+
+def _scale_codes_product(y_int, s_x, s_w, dtype):
+    from .codes_scale import scale_codes_product_triton
+
+    return scale_codes_product_triton(y_int, s_x, s_w, dtype)
+
+
 def _register() -> None:
     """Hand the ops their kernels: ``topk_mask`` (mask only), ``topk_sparsify`` (mask + STE, with
-    ``quantize=True`` also the int8 fake-quant, fused).  Imports of :mod:`.topk` wait for the first call."""
-    dispatch.register_kernels(use_triton, {"topk_mask": _topk_mask, "topk_sparsify": _topk_sparsify})
+    ``quantize=True`` also the int8 fake-quant, fused), ``topk_codes`` (BitNet's integer codes and
+    per-token scales of the top-K input, fused), ``scale_codes_product`` (BitNet's scales after the
+    integer-code matmul, one pass each way, :mod:`.codes_scale`), ``sparse24_linear`` (2:4 Block Q-Sparse on sparse
+    tensor cores, :mod:`.sparse24`; the layers decide when).  Imports of the submodules wait for the
+    first call."""
+    dispatch.register_kernels(use_triton, {"topk_mask": _topk_mask, "topk_sparsify": _topk_sparsify,
+                                           "topk_codes": _topk_codes, "scale_codes_product": _scale_codes_product,
+                                           "sparse24_linear": _sparse24_linear})
 
 
 _patch_old_interpreter_index()

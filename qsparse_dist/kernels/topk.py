@@ -19,7 +19,13 @@ One Triton program owns ``BLOCK_R`` rows of ``D`` features (a row is a token, or
 Fused epilogues (all in the same pass, one read of ``x``): the masked activation ``x ⊙ M``; the
 boolean mask; the BitNet per-token absmax int8 fake-quant of ``x ⊙ M`` (reproducing
 ``fake_quant_activation_int8``'s float32 arithmetic and its forward value ``deq`` in ``x``'s dtype);
-or the real int8 codes and scales for the decode GEMV kernels.
+the int8 codes as floats plus the per-token scale (``quant=3``; BitNet training,
+:func:`qsparse_dist.kernels.codes_scale.topk_codes_triton`); or
+the real int8 codes and scales for the decode GEMV kernels.
+
+16-bit rows of even width (every training shape) take :func:`_topk_rows_swar_kernel`: the same
+bisection on two keys per 32-bit word, 3 integer operations per word and candidate instead of 2-3
+per feature (H200, ``[16384, 2048]`` bf16: 0.081 ms against 0.139 ms; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.quant import ACT_EPS
+from ..ops.quant import ACT_EPS, code_dtype
 from ..ops.sparsify import kept_count
 
 __all__ = [
@@ -68,12 +74,15 @@ def _to_dtype(v, dtype: tl.constexpr, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def topk_keep(x, inb, k, KEY_BITS: tl.constexpr, BLOCK_R: tl.constexpr, TWO_BITS: tl.constexpr = False):
+def topk_keep(x, inb, k, KEY_BITS: tl.constexpr, BLOCK_R: tl.constexpr, TWO_BITS: tl.constexpr = False,
+              LAZY_TIES: tl.constexpr = False):
     """Boolean keep-mask of the top-``k`` ``|x|`` of every row of the 2-D tile ``x`` (``inb`` marks
     real elements): radix bisection on the bits of ``|x|``, ties to the lowest index.
 
     ``TWO_BITS``: settle two bits per step (three candidate counts packed in one int64 sum, 21
-    bits each; rows < 2^21), halving the number of row reductions, the latency of a single row."""
+    bits each; rows < 2^21), halving the number of row reductions, the latency of a single row.
+    ``LAZY_TIES``: run the index-order scan that ranks the ties only when some row of the tile needs
+    fewer of the keys equal to its threshold than it has (one extra row sum instead of a scan)."""
     if KEY_BITS == 15:
         key = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
     else:
@@ -104,8 +113,17 @@ def topk_keep(x, inb, k, KEY_BITS: tl.constexpr, BLOCK_R: tl.constexpr, TWO_BITS
     gt = key > t[:, None]
     need = k - tl.sum(gt.to(tl.int32), axis=1)
     eq = key == t[:, None]
-    rank = tl.cumsum(eq.to(tl.int32), axis=1)
-    return gt | (eq & (rank <= need[:, None]))
+    if LAZY_TIES:
+        n_eq = tl.sum(eq.to(tl.int32), axis=1)
+        if tl.max((need < n_eq).to(tl.int32), axis=0) > 0:
+            rank = tl.cumsum(eq.to(tl.int32), axis=1)
+            keep = gt | (eq & (rank <= need[:, None]))
+        else:
+            keep = gt | eq
+    else:
+        rank = tl.cumsum(eq.to(tl.int32), axis=1)
+        keep = gt | (eq & (rank <= need[:, None]))
+    return keep
 
 
 @triton.jit
@@ -116,13 +134,15 @@ def _topk_rows_kernel(
     DO_TOPK: tl.constexpr,
     WRITE_Y: tl.constexpr,
     WRITE_MASK: tl.constexpr,
-    QUANT: tl.constexpr,  # 0: none, 1: fake-quant into y, 2: int8 codes into q + scale per row
+    QUANT: tl.constexpr,  # 0: none, 1: fake-quant into y, 2: int8 codes into q + scale per row,
+    #                       3: the codes as floats into y (y's dtype) + scale per row (BitNet training)
     HAS_ABSMAX: tl.constexpr,
     IS_BF16: tl.constexpr,
     TWO_BITS: tl.constexpr,
     WRITE_IDX: tl.constexpr,  # compacted kept list: idx [R, k] int32 and vals [R, k] (y, or q if QUANT == 2)
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    LAZY_TIES: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -132,7 +152,7 @@ def _topk_rows_kernel(
     offs = rows[:, None].to(tl.int64) * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     if DO_TOPK:
-        keep = topk_keep(x, inb, k, KEY_BITS, BLOCK_R, TWO_BITS)
+        keep = topk_keep(x, inb, k, KEY_BITS, BLOCK_R, TWO_BITS, LAZY_TIES)
     else:
         keep = inb
     zero = tl.zeros_like(x)
@@ -160,12 +180,88 @@ def _topk_rows_kernel(
         if QUANT == 1:
             deq = _to_dtype(v * s[:, None], y.dtype, IS_BF16)
             tl.store(y_ptr + offs, deq, mask=inb)
+        elif QUANT == 3:
+            tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=inb)  # |v| <= 128: exact
+            tl.store(scale_ptr + rows, s, mask=rmask)
         else:
             if WRITE_IDX:
                 tl.store(vals_ptr + slot, v.to(tl.int8), mask=kept)
             else:
                 tl.store(q_ptr + offs, v.to(tl.int8), mask=inb)
             tl.store(scale_ptr + rows, s, mask=rmask)
+
+
+@triton.jit
+def _topk_rows_swar_kernel(
+    x_ptr, y_ptr, mask_ptr, scale_ptr, R, W, k, eps,
+    WRITE_Y: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+    QUANT: tl.constexpr,  # 0, or 3 (bf16 only): the codes as bf16 into y + scale per row
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """16-bit rows of even width read as ``W`` 32-bit words (two features each); the bisection of
+    :func:`topk_keep` on both halves of a word at once (SWAR).  With the guard bit set,
+    ``g = (w & 0x7FFF7FFF) | 0x80008000``, and ``c2 = c·0x00010001`` (``1 <= c <= 0x7FFF``),
+    ``g - c2`` never borrows across the halves and bit 15 of each half is set iff that half's key
+    ``>= c``: ``((g - c2) >> 15) & 0x00010001`` counts both halves in one integer (16 bits each; a
+    row has < 2^16 features).  Per candidate: 3 integer operations per word instead of 2-3 per
+    feature.  Ties: keep ``key > t`` and the first ``need`` keys ``== t`` in index order (low half
+    first), the scan only when some row needs it."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_W)
+    rmask = rows < R
+    inb = rmask[:, None] & (cols < W)[None, :]
+    offs = rows[:, None].to(tl.int64) * W + cols[None, :]
+    w = tl.load(x_ptr + offs, mask=inb, other=0)
+    g = (w & 0x7FFF7FFF) | -2147450880  # 0x80008000 as int32; pad words: keys 0, never counted
+    t = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for b in tl.static_range(14, -1, -1):
+        cand = t | (1 << b)
+        flags = ((g - cand[:, None] * 65537) >> 15) & 65537
+        cnt = tl.sum(flags, axis=1)
+        t = tl.where((cnt & 0xFFFF) + ((cnt >> 16) & 0xFFFF) >= k, cand, t)
+    # ge: key >= t (t may be 0: pad words masked); gt: key >= t + 1 (t + 1 <= 0x8000 never borrows)
+    ge = tl.where(inb, ((g - t[:, None] * 65537) >> 15) & 65537, 0)
+    gt = ((g - (t + 1)[:, None] * 65537) >> 15) & 65537
+    eq = ge ^ gt
+    n_gt = tl.sum(gt, axis=1)
+    n_eq = tl.sum(eq, axis=1)
+    need = k - ((n_gt & 0xFFFF) + ((n_gt >> 16) & 0xFFFF))
+    have = (n_eq & 0xFFFF) + ((n_eq >> 16) & 0xFFFF)
+    if tl.max((need < have).to(tl.int32), axis=0) > 0:
+        e_lo = eq & 1
+        e_hi = (eq >> 16) & 1
+        incl = tl.cumsum(e_lo + e_hi, axis=1)
+        rank_lo = incl - e_hi  # ties up to and including the low half, in index order
+        keep_lo = e_lo * (rank_lo <= need[:, None]).to(tl.int32)
+        keep_hi = e_hi * (incl <= need[:, None]).to(tl.int32)
+        kf = gt | keep_lo | (keep_hi << 16)
+    else:
+        kf = ge
+    ymask = kf * 0xFFFF  # 0x0000FFFF / 0xFFFF0000 / both per kept half
+    if WRITE_MASK:
+        mbase = mask_ptr + rows[:, None].to(tl.int64) * (2 * W) + 2 * cols[None, :]
+        tl.store(mbase, (kf & 1).to(tl.uint8), mask=inb)
+        tl.store(mbase + 1, ((kf >> 16) & 1).to(tl.uint8), mask=inb)
+    if QUANT == 0:
+        if WRITE_Y:
+            tl.store(y_ptr + offs, w & ymask, mask=inb)
+    else:
+        yw = w & ymask
+        lo = (yw << 16).to(tl.float32, bitcast=True)
+        hi = (yw & -65536).to(tl.float32, bitcast=True)
+        m = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
+        sc = tl.math.div_rn(tl.maximum(m, eps), 127.0)
+        sb = tl.zeros_like(lo) + sc[:, None]
+        v_lo = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo, sb)), -128.0), 127.0)
+        v_hi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi, sb)), -128.0), 127.0)
+        # |v| <= 128 is exact in bf16: its float32 bits have 16 zero low bits
+        code = ((v_hi.to(tl.int32, bitcast=True) & -65536)
+                | ((v_lo.to(tl.int32, bitcast=True) >> 16) & 0xFFFF))
+        tl.store(y_ptr + offs, code, mask=inb)
+        tl.store(scale_ptr + rows, sc, mask=rmask)
 
 
 #: Radix steps of 2 bits (``True``) or 1 bit (``False``); ``None`` = default (1 bit).
@@ -207,10 +303,78 @@ _topk_rows_kernel_tuned = triton.autotune(
 )(_topk_rows_kernel)
 
 
+_topk_rows_swar_kernel_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_R": r}, num_warps=w)
+             for r, w in ((1, 2), (1, 8), (128, 4))],  # the H200's best per width (2026-11-29 sweep)
+    key=["W", "BLOCK_W", "QUANT", "WRITE_MASK"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [
+        c for c in configs if 64 <= c.kwargs["BLOCK_R"] * (kw.get("BLOCK_W") or named_args["BLOCK_W"]) <= 8192
+        and c.num_warps * 32 <= c.kwargs["BLOCK_R"] * (kw.get("BLOCK_W") or named_args["BLOCK_W"])] or configs[:1]},
+)(_topk_rows_swar_kernel)
+
+LAZY_TIES_MIN_ROWS = TUNE_MIN_ROWS
+"""From this many rows the bisection kernel ranks ties only when they straddle a threshold
+(``topk_keep(LAZY_TIES=True)``); below (decode), the unconditional scan as before."""
+
+SELECT_OVERRIDE: str | None = None
+"""Force the selection kernel where both apply: ``"bisect"`` (:func:`topk_keep`, one feature per
+lane) or ``"swar"`` (:func:`_topk_rows_swar_kernel`, two 16-bit keys per 32-bit word).  ``None``:
+swar wherever it applies (16-bit rows of even width, no compacted list, no per-token absmax;
+measured faster at every training shape on the H200), else bisect.  Tests and tools/bench_kernels.py
+set it."""
+
+
+def _families(d: int, k: int | None, quant: int, write_idx: bool, has_absmax: bool,
+              key_bits: int = 15, is_bf16: bool = True) -> list[str]:
+    """Selection kernels that can compute this launch (both give the identical mask)."""
+    fams = ["bisect"]
+    if k is None or k >= d or write_idx or has_absmax or quant == 2:
+        return fams
+    if d % 2 == 0 and d >= 16 and key_bits == 15 and (quant == 0 or (quant == 3 and is_bf16)):
+        fams.append("swar")
+    return fams
+
+
 def _interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(x2d, k, y, mask, q, scale, absmax, idx, vals, write_y, write_mask, quant, rows_per_token, eps,
+            write_idx) -> None:
+    r, d = x2d.shape
+    do_topk = k is not None and k < d
+    key_bits = _KEY_BITS[x2d.dtype]
+    mask_u8 = mask.view(torch.uint8) if write_mask else mask
+    training = r >= TUNE_MIN_ROWS and not _interpreting()
+    is_bf16 = x2d.dtype == torch.bfloat16
+    fams = _families(d, k, quant, write_idx, absmax is not None, key_bits, is_bf16)
+    if "swar" in fams and (x2d.data_ptr() % 4 or y.data_ptr() % 4):
+        fams.remove("swar")
+    fam = SELECT_OVERRIDE if SELECT_OVERRIDE in fams else fams[-1]
+    if fam == "swar":
+        wd = d // 2
+        args = (x2d.view(torch.int32), y.view(torch.int32) if (write_y or quant == 3) else x2d.view(torch.int32),
+                mask_u8, scale, r, wd, k, eps)
+        flags = dict(WRITE_Y=write_y, WRITE_MASK=write_mask, QUANT=quant, BLOCK_W=triton.next_power_of_2(wd))
+        if training:
+            _topk_rows_swar_kernel_tuned[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]),)](*args, **flags)
+        else:
+            block_r = max(1, min(triton.next_power_of_2(r), 2048 // flags["BLOCK_W"]))
+            _topk_rows_swar_kernel[(triton.cdiv(r, block_r),)](
+                *args, **flags, BLOCK_R=block_r, num_warps=max(1, min(8, block_r * flags["BLOCK_W"] // 256)))
+        return
+    block_r, block_d, num_warps = _config(r, d)
+    args = (x2d, y, mask_u8, q, scale, absmax if absmax is not None else x2d, idx, vals,
+            r, d, k if do_topk else d, rows_per_token, eps)
+    flags = dict(KEY_BITS=key_bits, DO_TOPK=do_topk, WRITE_Y=write_y, WRITE_MASK=write_mask,
+                 QUANT=quant, HAS_ABSMAX=absmax is not None, IS_BF16=is_bf16, TWO_BITS=_two_bits(r, d),
+                 WRITE_IDX=write_idx, BLOCK_D=block_d, LAZY_TIES=r >= LAZY_TIES_MIN_ROWS)
+    if training and not write_idx:
+        _topk_rows_kernel_tuned[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]),)](*args, **flags)
+    else:
+        _topk_rows_kernel[(triton.cdiv(r, block_r),)](*args, **flags, BLOCK_R=block_r, num_warps=num_warps)
 
 
 def topk_rows(
@@ -228,7 +392,9 @@ def topk_rows(
     """Launch the kernel on a contiguous ``[R, D]`` tensor; ``k=None`` keeps every feature.
 
     Returns a dict with the requested outputs: ``y`` (dtype of ``x``; fake-quantized when
-    ``quant=1``), ``mask`` (bool), ``q`` (int8) and ``scale`` (float32 ``[R]``) when ``quant=2``.
+    ``quant=1``; with ``quant=3`` the int8 codes as floats of :func:`~qsparse_dist.ops.quant.code_dtype`,
+    BitNet's ``X_q``), ``mask`` (bool), ``q`` (int8, ``quant=2``) and ``scale`` (float32 ``[R]``,
+    ``quant`` 2 or 3).
     ``write_idx`` (needs ``k < D``): the compacted kept features of every row in index order,
     ``idx`` int32 ``[R, k]`` and ``vals`` ``[R, k]`` (the kept values, or their int8 codes with
     ``quant=2``, which then replace ``q``): the input of the gather GEMVs.
@@ -237,14 +403,17 @@ def topk_rows(
         raise ValueError(f"x2d must be a contiguous 2-D tensor, got shape {tuple(x2d.shape)}")
     if x2d.dtype not in _KEY_BITS:
         raise ValueError(f"x dtype must be one of {list(_KEY_BITS)}, got {x2d.dtype}")
-    if quant not in (0, 1, 2):
-        raise ValueError(f"quant must be 0, 1 or 2, got {quant!r}")
+    if quant not in (0, 1, 2, 3):
+        raise ValueError(f"quant must be 0, 1, 2 or 3, got {quant!r}")
     r, d = x2d.shape
     out: dict[str, torch.Tensor] = {}
-    y = torch.empty_like(x2d) if (write_y or quant == 1) else x2d
+    if quant == 3:
+        y = torch.empty((r, d), dtype=code_dtype(x2d.dtype), device=x2d.device)
+    else:
+        y = torch.empty_like(x2d) if (write_y or quant == 1) else x2d
     mask = torch.empty((r, d), dtype=torch.bool, device=x2d.device) if write_mask else x2d
     q = torch.empty((r, d), dtype=torch.int8, device=x2d.device) if quant == 2 else x2d
-    scale = torch.empty((r,), dtype=torch.float32, device=x2d.device) if quant == 2 else x2d
+    scale = torch.empty((r,), dtype=torch.float32, device=x2d.device) if quant in (2, 3) else x2d
     if write_idx:
         if k is None or k >= d:
             raise ValueError(f"write_idx needs top-K (k < D), got k={k}, D={d}")
@@ -253,26 +422,15 @@ def topk_rows(
         q = x2d if quant == 2 else q
     else:
         idx = vals = x2d
-    if r == 0:
-        pass
-    else:
-        block_r, block_d, num_warps = _config(r, d)
-        do_topk = k is not None and k < d
-        args = (x2d, y, mask.view(torch.uint8) if write_mask else mask, q, scale,
-                absmax if absmax is not None else x2d, idx, vals,
-                r, d, k if do_topk else d, rows_per_token, eps)
-        flags = dict(KEY_BITS=_KEY_BITS[x2d.dtype], DO_TOPK=do_topk, WRITE_Y=write_y, WRITE_MASK=write_mask,
-                     QUANT=quant, HAS_ABSMAX=absmax is not None,
-                     IS_BF16=x2d.dtype == torch.bfloat16, TWO_BITS=_two_bits(r, d), WRITE_IDX=write_idx,
-                     BLOCK_D=block_d)
-        if r >= TUNE_MIN_ROWS and not write_idx and not _interpreting():
-            _topk_rows_kernel_tuned[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]),)](*args, **flags)
-        else:
-            _topk_rows_kernel[(triton.cdiv(r, block_r),)](*args, **flags, BLOCK_R=block_r, num_warps=num_warps)
-    if write_y or quant == 1:
+    if r > 0:
+        _launch(x2d, k, y, mask, q, scale, absmax, idx, vals, write_y, write_mask, quant, rows_per_token, eps,
+                write_idx)
+    if write_y or quant in (1, 3):
         out["y"] = y
     if write_mask:
         out["mask"] = mask
+    if quant == 3:
+        out["scale"] = scale
     if quant == 2:
         out["scale"] = scale
         if not write_idx:

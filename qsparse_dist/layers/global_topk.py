@@ -39,7 +39,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..ops import LinearRecipe, apply_mask, kept_count, mask_from_threshold, topk_mask, topk_threshold
+from ..ops import (
+    LinearRecipe,
+    apply_mask,
+    dispatch,
+    kept_count,
+    mask_from_threshold,
+    topk_mask,
+    topk_threshold,
+)
 from ..ops.quant import WEIGHT_EPS, fake_quant_activation_int8, fake_quant_weight_ternary, int8_codes_ste
 
 __all__ = [
@@ -271,6 +279,9 @@ def tp_input_codes(x: torch.Tensor, recipe: LinearRecipe, group) -> tuple[torch.
     straight-through gradient ``1/s_x`` and the per-token scale of the full row (all-reduce MAX of
     the absmax); ``s_x · X_q`` is :func:`tp_prepare_input`'s value."""
     if group_size(group) == 1:
+        if recipe.uses_topk and not recipe.rescale and dispatch.triton_kernels_for(x):
+            # one pass: top-K + codes + scales (kernels.codes_scale.topk_codes_triton), same values and gradients
+            return dispatch.kernel("topk_codes")(x, recipe.sparsity, block_size=recipe.block_size, ste=recipe.ste)
         return int8_codes_ste(recipe.sparsify(x))
     y = tp_global_sparsify(x, recipe, group)
     return int8_codes_ste(y, absmax=tp_global_absmax(y, group))

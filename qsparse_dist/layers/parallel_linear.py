@@ -29,6 +29,17 @@ integer partial sums (exact), with the TP-global absmax ``s_x`` (sliced to the r
 SP) and the TP-global absmean ``s_w``.  Expert row-parallel linears (``explicit_expert_comm``) leave
 the reduction to the token dispatcher, so their partial sums are scaled before it.
 
+2:4 Block Q-Sparse (``block_size=4``, 2 of 4 kept; :func:`~qsparse_dist.layers.sparse_linear.is_sparse24`)
+runs on sparse tensor cores when ``sparse_tensor_cores`` (``sparsity.sparse_tensor_cores``) allows it
+(:func:`~qsparse_dist.layers.sparse_linear.use_sparse24`: ``on``; ``auto`` only where measured faster —
+not on the H200, see docs/ops.md):
+:meth:`QSparseLinearMixin._forward_impl` replaces megatron's matmul by
+:func:`qsparse_dist.kernels.sparse24.sparse24_linear` (selection + compression + sparse matmul forward,
+dense straight-through backward), on the unmasked input.  Column-parallel with TP > 1 wraps the input in
+megatron's ``copy_to_tensor_model_parallel_region`` (whose backward all-reduces ``dX``, as megatron's
+``allreduce_dgrad`` would; measured on one GPU only, TP = 1); sequence parallelism and
+gradient-accumulation fusion keep the dense masked path.
+
 They quantize the latent weight **once per optimizer step**, not once per forward: the
 ternary codes ``W_q`` and ``s_w`` are cached per layer under the key (storage address,
 in-place version counter, number of optimizer steps taken in this process — counted by a global
@@ -44,12 +55,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..ops import LinearRecipe, scale_codes_product
+from ..ops import LinearRecipe, dispatch, scale_codes_product
 from ..ops.quant import codes_ste, quantize_weight_ternary
 from .global_topk import group_size, tp_global_ternary_scale, tp_input_codes, tp_prepare_input
+from .sparse_linear import SPARSE_TENSOR_CORE_MODES, use_sparse24
 
 __all__ = ["QSparseColumnParallelLinear", "QSparseRowParallelLinear", "QSparseLinearMixin",
            "invalidate_weight_caches"]
@@ -94,9 +109,15 @@ class QSparseLinearMixin:
     projection: str
     tp_group: object
 
-    def _init_qsparse(self, recipe: LinearRecipe | None, projection: str, in_features_local: int) -> None:
+    def _init_qsparse(self, recipe: LinearRecipe | None, projection: str, in_features_local: int,
+                      sparse_tensor_cores: str = "auto") -> None:
         self.recipe = recipe or LinearRecipe()
         self.projection = projection
+        if sparse_tensor_cores not in SPARSE_TENSOR_CORE_MODES:
+            raise ValueError(f"sparsity.sparse_tensor_cores must be one of {SPARSE_TENSOR_CORE_MODES}, got "
+                             f"{sparse_tensor_cores!r}")
+        self.sparse_tensor_cores = sparse_tensor_cores
+        self._qsd_sparse24 = False
         bs = self.recipe.block_size
         if bs is not None and in_features_local % bs:
             raise ValueError(
@@ -142,8 +163,25 @@ class QSparseLinearMixin:
         codes, s = self._cached_codes(weight)
         return codes_ste(weight, codes, s), s
 
+    def _sparse24_wanted(self, x: torch.Tensor, sequence_parallel: bool) -> bool:
+        """Whether this forward takes the sparse-tensor-core path (decided before megatron's forward)."""
+        if sequence_parallel or getattr(self, "gradient_accumulation_fusion", False):
+            return False
+        return use_sparse24(self.recipe, self.sparse_tensor_cores, x, self.weight)
+
+    def _sparse24_impl(self, input, weight, bias=None, allreduce_dgrad=False, **_):  # noqa: A002
+        """``(x ⊙ M_2:4) Wᵀ + b`` on sparse tensor cores; ``allreduce_dgrad``: ``dX`` all-reduced over TP."""
+        if allreduce_dgrad:
+            input = copy_to_tensor_model_parallel_region(input, group=self.tp_group)  # noqa: A001
+        y, xm = dispatch.kernel("sparse24_linear")(input, weight, bias)
+        self._track(xm)
+        return y
+
     def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002  (megatron's name)
-        """Megatron's matmul; BitNet: on the ternary codes (the caller applies the scales)."""
+        """Megatron's matmul; BitNet: on the ternary codes (the caller applies the scales); 2:4: on
+        sparse tensor cores."""
+        if self._qsd_sparse24:
+            return self._sparse24_impl(input, weight, *args, **kwargs)
         if not self.recipe.quantized:
             return super()._forward_impl(input, weight, *args, **kwargs)
         w_q, self._qsd_weight_scale = self.weight_codes(weight)
@@ -161,12 +199,16 @@ class QSparseColumnParallelLinear(QSparseLinearMixin, ColumnParallelLinear):
     """``ColumnParallelLinear`` whose input is prepared by ``recipe`` (full feature dim is local)."""
 
     def __init__(self, input_size: int, output_size: int, *, recipe: LinearRecipe | None = None,
-                 projection: str = "", **kwargs) -> None:
+                 projection: str = "", sparse_tensor_cores: str = "auto", **kwargs) -> None:
         super().__init__(input_size, output_size, **kwargs)
-        self._init_qsparse(recipe, projection, input_size)
+        self._init_qsparse(recipe, projection, input_size, sparse_tensor_cores)
 
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None):
+        sp = self.sequence_parallel and not self.explicit_expert_comm
+        self._qsd_sparse24 = weight is None and self._sparse24_wanted(input_, sp)
+        if self._qsd_sparse24:  # selection, compression and matmul in _forward_impl
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
         if not self.recipe.quantized:
             x = self.recipe.prepare_input(input_)
             self._track(x)
@@ -178,7 +220,7 @@ class QSparseColumnParallelLinear(QSparseLinearMixin, ColumnParallelLinear):
 
     def _forward_impl(self, input, weight, *args, bias=None, **kwargs):  # noqa: A002
         """BitNet: integer-code matmul on the (SP-gathered) tokens, then ``· (s_x · s_w) + b``."""
-        if not self.recipe.quantized:
+        if self._qsd_sparse24 or not self.recipe.quantized:
             return super()._forward_impl(input, weight, *args, bias=bias, **kwargs)
         y_int = super()._forward_impl(input, weight, *args, bias=None, **kwargs)
         s_x = self._qsd_act_scale
@@ -194,15 +236,19 @@ class QSparseRowParallelLinear(QSparseLinearMixin, RowParallelLinear):
     """``RowParallelLinear`` with TP-global top-K / absmax on its feature-sharded input."""
 
     def __init__(self, input_size: int, output_size: int, *, recipe: LinearRecipe | None = None,
-                 projection: str = "", **kwargs) -> None:
+                 projection: str = "", sparse_tensor_cores: str = "auto", **kwargs) -> None:
         super().__init__(input_size, output_size, **kwargs)
-        self._init_qsparse(recipe, projection, self.input_size_per_partition)
+        self._init_qsparse(recipe, projection, self.input_size_per_partition, sparse_tensor_cores)
         if self.recipe.quantized and self.bias is not None and not self.skip_bias_add:
             raise ValueError(f"{projection or 'linear'}: a BitNet row-parallel linear needs skip_bias_add "
                              "(the bias goes after the scales, which follow the reduction)")
 
     def forward(self, input_: torch.Tensor):
         group = self.tp_group if self.input_is_parallel else None
+        # block N:M is local per shard (block divides it), so the 2:4 path needs no TP communication
+        self._qsd_sparse24 = self.input_is_parallel and self._sparse24_wanted(input_, False)
+        if self._qsd_sparse24:
+            return super().forward(input_)
         if not self.recipe.quantized:
             x = tp_prepare_input(input_, self.recipe, group)
             self._track(x)

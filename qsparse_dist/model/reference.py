@@ -42,7 +42,8 @@ def sparse_linear_factory(m: ModelConfig, s: SparsityConfig) -> blocks.MakeLinea
     """The reference projections: a :class:`SparseLinear` with the ``sparsity`` recipe of each."""
 
     def make(in_features: int, out_features: int, projection: str, bias: bool) -> SparseLinear:
-        return SparseLinear(in_features, out_features, bias=bias, recipe=s.recipe(projection), init_std=m.init_std)
+        return SparseLinear(in_features, out_features, bias=bias, recipe=s.recipe(projection), init_std=m.init_std,
+                            sparse_tensor_cores=s.sparse_tensor_cores)
 
     return make
 

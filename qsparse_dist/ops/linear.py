@@ -105,7 +105,13 @@ def scale_codes_product(
     y_int: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """``y_int · (s_x · s_w)`` in ``dtype``: the scales of an integer-code product, applied after
-    the (exact) sum; ``s_x`` per token ``[..., 1]`` float32, ``s_w`` 0-dim float32."""
+    the (exact) sum; ``s_x`` per token ``[..., 1]`` float32, ``s_w`` 0-dim float32.  On the GPU the
+    registered kernel ``scale_codes_product`` computes the same float32 arithmetic in one pass each way."""
+    if (triton_kernels_for(y_int) and y_int.dtype == dtype and dtype in (torch.bfloat16, torch.float32)
+            and s_x.dim() == y_int.dim() and s_x.shape[:-1] == y_int.shape[:-1] and s_x.shape[-1] == 1
+            and s_x.dtype == s_w.dtype == torch.float32 and s_w.dim() == 0
+            and not (s_x.requires_grad or s_w.requires_grad)):
+        return kernel("scale_codes_product")(y_int, s_x, s_w, dtype)
     return (y_int * (s_x * s_w)).to(dtype)
 
 
