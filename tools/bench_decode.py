@@ -11,7 +11,10 @@ Kinds: ``dense`` (cuBLAS GEMVs), ``qsparse`` / ``bitnet`` / ``bitnet_qsparse``; 
 variant: ``+pred`` predicated-row GEMVs instead of the compacted kept list, ``+bisect`` the old
 bit-by-bit top-K selection and ``+radix`` the 8-bit radix select (default: radix for int8 rows,
 bisection otherwise), ``+float`` the float-decoding ternary
-GEMVs instead of the dp4a kernel, ``+wA/B`` prologue warps A for rows <= 8192 features, B above.  Also printed: the device copy
+GEMVs instead of the dp4a kernels, ``+k4`` the 4-codes-per-byte dp4a kernel instead of the default
+16-codes-per-word one (``k16``; ``+k16`` names the default explicitly), ``+hist`` the top-K
+selected inside the GEMVs from the prologue's key histogram (``kernels/hist_gemv.py``), ``+tuned`` the
+fastest GEMV tiles of this run's per-kernel sweep, ``+wA/B`` prologue warps A for rows <= 8192 features, B above.  Also printed: the device copy
 bandwidth (the ceiling), plain cuBLAS streaming the same weights (no other work), the bytes each
 kind must read per token and the fraction of the copy bandwidth that the measured rate implies, and a
 per-kernel table (µs and GB/s per projection).
@@ -39,8 +42,15 @@ import qsparse_dist.kernels.decoder as decoder_mod  # noqa: E402
 from qsparse_dist.infer.backends.decoder import KernelDecoder  # noqa: E402
 from qsparse_dist.infer.cuda_graph import GraphedStep  # noqa: E402
 from qsparse_dist.kernels.decoder import prologue  # noqa: E402
-from qsparse_dist.kernels.gemv import default_config, gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
-from qsparse_dist.kernels.ternary_dp4a import default_k4_config, pack_k4, ternary_gemv_k4  # noqa: E402
+from qsparse_dist.kernels.gemv import GemvConfig, default_config, gather_gemv, sparse_gemv, ternary_gemv  # noqa: E402
+from qsparse_dist.kernels.hist_gemv import HIST_SIZE, hist_sparse_gemv, hist_ternary_k16  # noqa: E402
+from qsparse_dist.kernels.ternary_dp4a import (  # noqa: E402
+    default_k4_config,
+    pack_k4,
+    pack_k16,
+    ternary_gemv_k4,
+    ternary_gemv_k16,
+)
 from qsparse_dist.model.reference import QSparseGPT  # noqa: E402
 from qsparse_dist.ops import kept_count, pack_ternary  # noqa: E402
 
@@ -134,13 +144,18 @@ def _kernel_row(name: str, k: int, n: int, sp: float, bw: float, l2: int) -> dic
     s = torch.empty(1, device="cuda")
     r = {"proj": name, "K": k, "N": n}
     for radix in (True, False):
-        for warps in ((1, 2, 4, 8, 16) if k <= 8192 else (4, 8, 16)):
-            decoder_mod.PROLOGUE_WARPS = warps
-            r[f"sel_{'radix' if radix else 'bisect'}_w{warps}_us"] = amortized_us(
-                lambda radix=radix: prologue(x, y, d=k, k=kk, idx_out=idx, radix=radix))
-    decoder_mod.PROLOGUE_WARPS = None
+        r[f"sel_{'radix' if radix else 'bisect'}_us"] = amortized_us(
+            lambda radix=radix: prologue(x, y, d=k, k=kk, idx_out=idx, radix=radix))
     r["sel_int8_us"] = amortized_us(lambda: prologue(x, y, d=k, k=kk, q_out=(q, s)))
     r["norm_only_us"] = amortized_us(lambda: prologue(x, y, d=k, norm_weight=x[0]))
+    hist = torch.zeros(HIST_SIZE, dtype=torch.int32, device="cuda")
+    other = torch.zeros_like(hist)
+    r["hist_prologue_us"] = amortized_us(lambda: prologue(x, y, d=k, norm_weight=x[0], hist_out=hist))
+    r["hist_prologue_int8_us"] = amortized_us(lambda: prologue(x, y, d=k, q_out=(q, s), hist_out=hist))
+    hist.zero_()
+    prologue(x, y, d=k, hist_out=hist)  # the histogram of y (= x) the hist GEMVs below select from
+    assert int(hist[:32768].sum()) == k, "histogram count"
+    yrow = y.clone()
     ncopy = max(2, -(-4 * l2 // (k * n * 2)))
     wd = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(ncopy)]
     wt = [w.t().contiguous() for w in wd]
@@ -158,6 +173,22 @@ def _kernel_row(name: str, k: int, n: int, sp: float, bw: float, l2: int) -> dic
                                             for i, w in enumerate(wt)]) * 1e3 / ncopy
     r["pred_us"] = graph_time_ms(lambda: [sparse_gemv(xs, w, config=cfg_p, out=out[i], out_is_zeroed=True)
                                           for i, w in enumerate(wt)]) * 1e3 / ncopy
+    # selection inside the GEMV (threshold from the histogram, other buffer zeroed on the way): sweep
+    try:
+        hres = hist_sparse_gemv(yrow, hist, kk, wt[0]).float()
+        torch.testing.assert_close(hres, xs.float() @ wt[0].float(), rtol=2e-2, atol=2e-2)
+        best = None
+        for bn, bk, per_sm in ((32, 256, 2), (32, 128, 4), (64, 128, 2), (32, 256, 4), (64, 256, 1), (16, 256, 4)):
+            cfg = _cfg(k, n, bn, bk, per_sm)
+            us = graph_time_ms(lambda cfg=cfg: [hist_sparse_gemv(yrow, hist, kk, w, config=cfg, out=out[i], out_is_zeroed=True,
+                                                                 zero_hist=other) for i, w in enumerate(wt)]) * 1e3 / ncopy
+            r[f"hist_{bn}x{bk}s{cfg.split_k}_us"] = us
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        r["hist_best_us"], r["hist_best_cfg"] = best[0], best[1].__dict__
+        r["hist_bw_%"] = 100 * kept_b_of(kk, n) / (best[0] * 1e3) / bw
+    except Exception as e:  # recorded, the other columns still measured
+        r["hist_error"] = repr(e)[:300]
     wd = wt = None
     nt = max(2, -(-4 * l2 // (k * n // 4)))
     pk = [pack_ternary(torch.randint(-1, 2, (k, n), device="cuda", dtype=torch.int8)) for _ in range(nt)]
@@ -180,12 +211,58 @@ def _kernel_row(name: str, k: int, n: int, sp: float, bw: float, l2: int) -> dic
                                                         out_is_zeroed=True) for i, w in enumerate(p4)]) * 1e3 / nt
     p4 = None
     r["k4_bw_%"] = 100 * (k * n / 4) / (r["k4_us"] * 1e3) / bw
+    try:
+        w_q = torch.randint(-1, 2, (n, k), device="cuda", dtype=torch.int8)
+        p16 = [pack_k16(pack_ternary(w_q), k) for _ in range(nt)]
+        ref = (qx.double() @ w_q.double().t()).float()
+        torch.testing.assert_close(ternary_gemv_k16(qx, one, p16[0], one[0], skip_zeros=False), ref, rtol=0, atol=0)
+        best = None
+        for bn, bg, per_sm, warps in ((256, 8, 4, 4), (128, 8, 4, 4), (256, 16, 2, 4), (512, 4, 4, 8), (256, 4, 8, 4),
+                                      (128, 16, 4, 4)):
+            cfg = _cfg(k // 16, n, bn, bg, per_sm, warps, rows_per_unit=1)
+            us = graph_time_ms(lambda cfg=cfg: [ternary_gemv_k16(qx, one, w, one[0], skip_zeros=False, config=cfg,
+                                                                 out=outt[i], out_is_zeroed=True)
+                                                for i, w in enumerate(p16)]) * 1e3 / nt
+            r[f"k16_{bn}x{bg}s{cfg.split_k}w{warps}_us"] = us
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        r["k16_best_us"], r["k16_best_cfg"] = best[0], best[1].__dict__
+        r["k16_bw_%"] = 100 * (k * n / 4) / (best[0] * 1e3) / bw
+        qh = torch.randint(-127, 128, (1, k), device="cuda", dtype=torch.int8)
+        r["hist_k16_us"] = graph_time_ms(lambda: [hist_ternary_k16(yrow, qh, one, hist, kk, w, one[0], config=best[1],
+                                                                   out=outt[i], out_is_zeroed=True, zero_hist=other)
+                                                  for i, w in enumerate(p16)]) * 1e3 / nt
+    except Exception as e:
+        r["k16_error"] = repr(e)[:300]
+    p16 = None
     dense_b, kept_b = k * n * 2, kk * n * 2
     r["cublas_bw_%"] = 100 * dense_b / (r["cublas_us"] * 1e3) / bw
     r["gather_bw_%"] = 100 * kept_b / (r["gather_us"] * 1e3) / bw
     r["ternary_bw_%"] = 100 * (k * n / 4) / (r["ternary_us"] * 1e3) / bw
     r["ternary_gather_bw_%"] = 100 * (kk * n / 4) / (r["ternary_gather_us"] * 1e3) / bw
     return r
+
+
+def kept_b_of(kk: int, n: int) -> int:
+    return kk * n * 2
+
+
+def _cfg(rows: int, n: int, bn: int, bk: int, per_sm: int, warps: int = 4, rows_per_unit: int = 1) -> GemvConfig:
+    """A tile config with split-K up to ``per_sm`` programs per SM (at least 2 tiles of rows each)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = -(-n // bn)
+    split = max(1, min(-(-per_sm * sms // tiles), rows // rows_per_unit // (2 * bk)))
+    return GemvConfig(block_n=bn, block_k=bk, split_k=split, num_warps=warps)
+
+
+def tuned_configs(ktab: list[dict], kind: str, variants: list[str]) -> dict[str, GemvConfig] | None:
+    """The per-projection best tile of the kernel sweep for this kind's GEMV (``+tuned``)."""
+    key = ("k16_best_cfg" if kind.startswith("bitnet") and "k4" not in variants and "float" not in variants
+           else "hist_best_cfg" if kind == "qsparse" and "hist" in variants else None)
+    if key is None or not ktab:
+        return None
+    names = {"qkv": "qkv", "out": "out", "fc1": "up", "fc2": "down"}
+    return {names[r["proj"]]: GemvConfig(**r[key]) for r in ktab if key in r and r["proj"] in names}
 
 
 def main(argv=None) -> int:
@@ -199,10 +276,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--kinds", default="dense,qsparse,qsparse+pred,qsparse+bisect,bitnet,bitnet_qsparse,"
-                                       "bitnet_qsparse+pred,bitnet_qsparse+bisect")
+    ap.add_argument("--kinds", default="dense,qsparse,qsparse+pred,qsparse+hist,bitnet,bitnet+k4,bitnet+tuned,"
+                                       "bitnet_qsparse,bitnet_qsparse+k4,bitnet_qsparse+hist")
     ap.add_argument("--parity-layers", type=int, default=2, help="layers of the fp32 parity model (0 = skip)")
     ap.add_argument("--no-kernel-table", action="store_true")
+    ap.add_argument("--no-bf16-check", action="store_true", help="skip the bf16 diagnosis of the base kinds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -223,13 +301,15 @@ def main(argv=None) -> int:
     parity = []
     if args.parity_layers:
         pm = model_config(**{**shape, "layers": args.parity_layers}, max_len=64)
-        for kind in base_kinds + ["dense"]:
+        specs = base_kinds + ["dense"] + [k for k in args.kinds.split(",") if "k4" in k.split("+")]
+        for spec in dict.fromkeys(specs):
+            kind, *variants = spec.split("+")
             torch.manual_seed(0)
             with torch.device("cuda"):
                 model = QSparseGPT(pm, sparsity_config(kind, args.sparsity)).float().eval()
             try:
-                row = {"kind": kind, "layers": args.parity_layers,
-                       **diagnose(model, KernelDecoder(model, 64, dense=kind == "dense"))}
+                dec = KernelDecoder(model, 64, dense=kind == "dense", ternary="k4" if "k4" in variants else "k16")
+                row = {"kind": spec, "layers": args.parity_layers, **diagnose(model, dec)}
                 row["ok_1e-5"] = row["rel"] <= 1e-5
             except Exception as e:
                 row = {"kind": kind, "error": repr(e)[:300]}
@@ -254,9 +334,12 @@ def main(argv=None) -> int:
             decoder_mod.PROLOGUE_WARPS = warps
             dec = KernelDecoder(model, args.max_len, dense=kind == "dense", gather="pred" not in variants,
                                 radix=False if "bisect" in variants else (True if "radix" in variants else None),
-                                ternary="float" if "float" in variants else "k4")
+                                ternary="float" if "float" in variants else ("k4" if "k4" in variants else "k16"),
+                                hist="hist" in variants,
+                                configs=tuned_configs(ktab, kind, variants) if "tuned" in variants else None)
             with torch.no_grad():
-                bf16_rel = diagnose(model, dec) if kind != "dense" and not variants else {}
+                check = kind != "dense" and (not variants or variants == ["hist"]) and not args.no_bf16_check
+                bf16_rel = diagnose(model, dec) if check else {}
                 tps = decode_tokens_per_s(dec, args.tokens)
         except Exception as e:
             rows.append({"kind": spec, "error": repr(e)[:300]})
@@ -285,7 +368,10 @@ def main(argv=None) -> int:
         write_json(res, args.json)
     if ktab:
         print("\n== per-kernel µs (bf16 weights; ternary packed 2-bit), % of copy bandwidth ==")
-        print_table(ktab, list(ktab[0]))
+        print_table(ktab, ["proj", "K", "N", "norm_only_us", "sel_bisect_us", "sel_radix_us", "sel_int8_us",
+                           "hist_prologue_us", "hist_prologue_int8_us", "cublas_us", "cublas_bw_%", "gather_us",
+                           "pred_us", "hist_best_us", "hist_bw_%", "k4_us", "k4_bw_%", "k16_best_us", "k16_bw_%",
+                           "hist_k16_us"])
     if parity:
         print("\n== fp32 parity vs reference ==")
         print_table(parity, list(parity[0]))

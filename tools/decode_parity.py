@@ -107,8 +107,14 @@ def kernel_logits(dec, token: int, record: list | None = None):
         orig = dec._input
 
         def spy(lin, d, **kw):
-            x, idx = orig(lin, d, **kw)
-            if lin.k is not None:
+            x, extra = orig(lin, d, **kw)
+            idx = extra.get("idx")
+            if lin.k is not None and lin.hist:  # the GEMV selects topk_mask of the row (tests/test_hist_gemv.py)
+                from qsparse_dist.ops import topk_mask
+
+                with torch_ops():
+                    record.append(topk_mask(extra.get("row", x), lin.recipe.sparsity)[0].clone())
+            elif lin.k is not None:
                 m = torch.zeros(d, dtype=torch.bool, device=dev)
                 if idx is not None:
                     m[idx.long()] = True
@@ -118,7 +124,7 @@ def kernel_logits(dec, token: int, record: list | None = None):
                 record.append(m.clone())
             else:
                 record.append(None)
-            return x, idx
+            return x, extra
 
         dec._input = spy
     try:
@@ -143,6 +149,20 @@ def per_projection(dec, model, inputs: list) -> list[float]:
         y = torch.zeros(1, d, device=x.device, dtype=dec.dtype)
         idx = torch.zeros(d, dtype=torch.int32, device=x.device) if lay.gather else None
         res = torch.zeros(1, lay.out_features, device=x.device)
+        if lay.hist:
+            from qsparse_dist.kernels.hist_gemv import HIST_SIZE
+
+            hist = torch.zeros(HIST_SIZE, dtype=torch.int32, device=x.device)
+            if lay.quantized_input:
+                q = torch.zeros(1, d, dtype=torch.int8, device=x.device)
+                s = torch.zeros(1, device=x.device)
+                prologue(x, y, d=d, q_out=(q, s), hist_out=hist)
+                got = lay((q, s), res, hist=hist, row=y)
+            else:
+                prologue(x, y, d=d, hist_out=hist)
+                got = lay(y, res, hist=hist)
+            out.append(float((got.double() - ref).norm() / ref.norm()))
+            continue
         if lay.quantized_input:
             q = torch.zeros(1, d, dtype=torch.int8, device=x.device)
             s = torch.zeros(1, device=x.device)
@@ -199,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="qsparse,bitnet,bitnet_qsparse")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--ternary", choices=["k16", "k4", "float"], default="k16", help="BitNet GEMV of the decoder")
+    ap.add_argument("--hist", action="store_true", help="top-K inside the GEMVs (bf16 only; fp32 keeps the prologue select)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -214,8 +236,9 @@ def main(argv=None) -> int:
         with torch.device("cuda"):
             model = QSparseGPT(m, sparsity_config(kind, args.sparsity))
         model = model.to(torch.float32 if args.dtype == "fp32" else torch.bfloat16).eval()
-        dec = KernelDecoder(model, 64)
-        row = {"kind": kind, "dtype": args.dtype, **p, **diagnose(model, dec)}
+        dec = KernelDecoder(model, 64, ternary=args.ternary, hist=args.hist)
+        row = {"kind": kind, "dtype": args.dtype, "ternary": args.ternary, "hist": args.hist, **p,
+               **diagnose(model, dec)}
         print(row, flush=True)
         rows.append(row)
         del model, dec

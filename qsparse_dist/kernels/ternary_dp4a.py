@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .gemv import GemvConfig, _num_sms
 
-__all__ = ["pack_k4", "ternary_gemv_k4", "default_k4_config"]
+__all__ = ["tile_counters", "pack_k4", "ternary_gemv_k4", "default_k4_config", "pack_k16", "ternary_gemv_k16", "default_k16_config"]
 
 
 def pack_k4(w_q_packed_rows: torch.Tensor) -> torch.Tensor:
@@ -48,9 +48,51 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
         return s
 
 
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile, for split-K ternary GEMVs.  The last program
+    of a tile resets its counter, so one buffer serves every call on a stream (allocate it before a
+    CUDA-graph capture: 65536 counters up front)."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n_tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("tile_counters: first call inside a CUDA-graph capture; call once before capturing")
+        buf = torch.zeros(max(n_tiles, 65536), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+@triton.jit
+def _store_int_sum(out_ptr, n, nmask, tot, sw_ptr, sx_ptr, cnt_ptr, pid_n, nsplit, ATOMIC: tl.constexpr):
+    """``out[n] = tot · (s_x · s_w)``, the reference's rounding (``ops.linear.scale_codes_product``).
+
+    Split-K: each program adds its integer partial sum **unscaled** (integers below 2^24 add exactly in
+    float32, in any order) and the program that arrives last at the tile's counter scales the total
+    once.  Scaling each partial before the atomic add (the earlier code) rounded every partial and
+    made the result depend on the split and on the arrival order: integer sums that are equal in the
+    reference came out one ulp apart, the next top-K broke those ties differently, and the flips
+    compounded with depth (issue 16's fp32 bitnet_qsparse gap, 0.6 relative at the 8B shape)."""
+    scale = tl.load(sw_ptr).to(tl.float32) * tl.load(sx_ptr).to(tl.float32)
+    totf = tot.to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + n, totf, mask=nmask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is performed before the arrival is released
+        old = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if old == nsplit - 1:
+            tl.debug_barrier()
+            total = tl.atomic_add(out_ptr + n, totf * 0.0, mask=nmask, sem="acq_rel")  # coherent read of the sum
+            tl.store(out_ptr + n, total * scale, mask=nmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+    else:
+        tl.store(out_ptr + n, totf * scale, mask=nmask)
+
+
 @triton.jit
 def _ternary_k4_kernel(
-    xw_ptr, sx_ptr, p_ptr, sw_ptr, out_ptr,
+    xw_ptr, sx_ptr, p_ptr, sw_ptr, out_ptr, cnt_ptr,
     G, N, g_per_split,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
     SKIP_ZEROS: tl.constexpr,
@@ -76,11 +118,7 @@ def _ternary_k4_kernel(
         acc = _dp4a(s, xw[:, None] + tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.int32), acc, USE_ASM)
         xs = _dp4a(ones, xw, xs, USE_ASM)
     tot = tl.sum(acc, axis=0) - tl.sum(xs, axis=0)
-    res = tot.to(tl.float32) * (tl.load(sw_ptr).to(tl.float32) * tl.load(sx_ptr).to(tl.float32))
-    if ATOMIC:
-        tl.atomic_add(out_ptr + n, res, mask=nmask)
-    else:
-        tl.store(out_ptr + n, res, mask=nmask)
+    _store_int_sum(out_ptr, n, nmask, tot, sw_ptr, sx_ptr, cnt_ptr, pid_n, tl.num_programs(1), ATOMIC)
 
 
 def default_k4_config(k: int, n: int, device: torch.device) -> GemvConfig:
@@ -102,6 +140,7 @@ def ternary_gemv_k4(
     config: GemvConfig | None = None,
     out: torch.Tensor | None = None,
     out_is_zeroed: bool = False,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``s_w · s_x · x_q @ (codes - 1)`` -> float32 ``[1, N]`` for ``x_q`` int8 ``[1, K]`` (K % 4 == 0,
     4-byte aligned) and ``p = pack_k4(pack_ternary(W_q))`` uint8 ``[K/4, N]``."""
@@ -125,7 +164,131 @@ def ternary_gemv_k4(
     use_asm = x_q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     _ternary_k4_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x_q.view(torch.int32), x_scale.float().reshape(-1), p, w_scale.float().reshape(1), out,
-        g, n, per, BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=atomic, USE_ASM=use_asm,
+        counters if counters is not None else tile_counters(x_q.device, triton.cdiv(n, cfg.block_n)), g, n, per, BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=atomic, USE_ASM=use_asm,
+        SKIP_ZEROS=skip_zeros, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# "k16": 16 weights per 32-bit word, pre-permuted so that one shift + one AND yields a dp4a operand.
+#
+#     word(g, n) = Σ_{i<4, b<4} code(16g + 4i + b, n) << (8b + 2i)        P16 [K/16, N] int32
+#
+# so ``(word >> 2i) & 0x03030303`` holds, byte b, the code of input ``16g + 4i + b``: exactly the four
+# inputs of the activation word ``xw[4g + i]``.  Per 16 weights: 3 shifts, 4 ANDs, 4 dp4a (11
+# instructions, 0.7 per weight) against 5 per 4 weights (1.25 per weight) for "k4", whose spreading
+# multiplies dominate.  One 4-byte load per 16 weights, coalesced along N.
+# ---------------------------------------------------------------------------------------------------
+
+
+def pack_k16(w_q_packed_rows: torch.Tensor, k: int) -> torch.Tensor:
+    """``pack_ternary(W_q)`` ``[N, ceil(K/4)]`` (the export layout) -> ``P16`` int32 ``[K/16, N]``."""
+    if k % 16:
+        raise ValueError(f"pack_k16 needs in_features % 16 == 0, got {k}")
+    n = w_q_packed_rows.shape[0]
+    shifts = torch.arange(0, 8, 2, device=w_q_packed_rows.device, dtype=torch.int32)
+    codes = (w_q_packed_rows.to(torch.int32)[..., None] >> shifts) & 3  # [N, K/4, 4]: code of input 4j + m
+    codes = codes.reshape(n, k // 16, 4, 4)  # [n, g, i, b]: input 16g + 4i + b
+    pos = (8 * torch.arange(4, device=codes.device))[None, :] + (2 * torch.arange(4, device=codes.device))[:, None]
+    words = (codes.to(torch.int64) << pos).sum(dim=(2, 3))  # [N, K/16], < 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.t().contiguous()
+
+
+@triton.jit
+def _k16_words(xw4, i: tl.constexpr):
+    """Column ``i`` of ``[BLOCK_G, 4]`` activation words (no register indexing in Triton)."""
+    return tl.sum(tl.where(tl.arange(0, 4)[None, :] == i, xw4, 0), axis=1)
+
+
+@triton.jit
+def _ternary_k16_kernel(
+    xw_ptr, sx_ptr, p_ptr, sw_ptr, out_ptr, cnt_ptr,
+    G, N, g_per_split,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
+    SKIP_ZEROS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    g_start = pid_k * g_per_split
+    g_end = tl.minimum(g_start + g_per_split, G)
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.int32)
+    xs = tl.zeros([BLOCK_G], dtype=tl.int32)
+    ones = tl.full([BLOCK_G], 0x01010101, tl.int32)
+    for g0 in range(g_start, g_end, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        gm = g < g_end
+        xw4 = tl.load(xw_ptr + 4 * g[:, None] + tl.arange(0, 4)[None, :], mask=gm[:, None], other=0)
+        rows = gm
+        if SKIP_ZEROS:
+            rows = rows & (tl.max(tl.abs(xw4), axis=1) != 0)
+        w = tl.load(p_ptr + g[:, None] * N + n[None, :], mask=rows[:, None] & nmask[None, :], other=0)
+        acc, xs = _k16_accumulate(w, xw4, acc, xs, ones, BLOCK_N, USE_ASM)
+    tot = tl.sum(acc, axis=0) - tl.sum(xs, axis=0)
+    _store_int_sum(out_ptr, n, nmask, tot, sw_ptr, sx_ptr, cnt_ptr, pid_n, tl.num_programs(1), ATOMIC)
+
+
+@triton.jit
+def _k16_accumulate(w, xw4, acc, xs, ones, BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
+    """``acc += Σ_i dp4a((w >> 2i) & 0x03030303, xw_i)``, ``xs += Σ x`` (for the ``- Σx`` of ``code - 1``)."""
+    for i in tl.static_range(4):
+        xi = _k16_words(xw4, i)
+        s = (w >> (2 * i)) & 0x03030303
+        acc = _dp4a(s, xi[:, None] + tl.zeros_like(acc), acc, USE_ASM)
+        xs = _dp4a(ones, xi, xs, USE_ASM)
+    return acc, xs
+
+
+def default_k16_config(k: int, n: int, device: torch.device) -> GemvConfig:
+    """``block_k`` counts groups of 16 inputs, ``block_n`` outputs (one int32 word each).  From the
+    H200 sweep at the 8B shapes (tools/bench_decode.py, docs/benchmarks.md): 256 x 8 with split-K to
+    ~4 programs per SM, except for wide outputs (>= 64 tiles, e.g. fc1 4096x28672: 13.8 vs 15.6 µs)
+    where 256 x 16 with ~2 programs per SM wins."""
+    block_n = 256
+    tiles = triton.cdiv(n, block_n)
+    block_g, per_sm = (16, 2) if tiles >= 64 else (8, 4)
+    groups = triton.cdiv(k, 16)
+    split = max(1, min(triton.cdiv(per_sm * _num_sms(device), tiles), groups // (2 * block_g)))
+    return GemvConfig(block_n=block_n, block_k=block_g, split_k=split, num_warps=4)
+
+
+def ternary_gemv_k16(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    p16: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    skip_zeros: bool = True,
+    config: GemvConfig | None = None,
+    out: torch.Tensor | None = None,
+    out_is_zeroed: bool = False,
+    counters: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``s_w · s_x · x_q @ (codes - 1)`` -> float32 ``[1, N]`` for ``x_q`` int8 ``[1, K]`` (K % 16 == 0,
+    4-byte aligned) and ``p16 = pack_k16(pack_ternary(W_q), K)`` int32 ``[K/16, N]``."""
+    if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[0] != 1:
+        raise ValueError(f"x_q must be int8 [1, K], got {x_q.dtype} {tuple(x_q.shape)}")
+    k = x_q.shape[1]
+    if k % 16 or p16.dtype != torch.int32 or p16.dim() != 2 or p16.shape[0] != k // 16:
+        raise ValueError(f"p16 must be int32 [K/16, N] with K={k} a multiple of 16, got {p16.dtype} {tuple(p16.shape)}")
+    if not x_q.is_contiguous() or x_q.data_ptr() % 4:
+        x_q = x_q.contiguous().clone()
+    n, g = p16.shape[1], k // 16
+    cfg = config or default_k16_config(k, n, x_q.device)
+    per = triton.cdiv(triton.cdiv(g, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(g, per)
+    atomic = splits > 1
+    if out is None:
+        out = torch.zeros(1, n, device=x_q.device, dtype=torch.float32)
+    elif atomic and not out_is_zeroed:
+        out.zero_()
+    use_asm = x_q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    _ternary_k16_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        x_q.view(torch.int32), x_scale.float().reshape(-1), p16, w_scale.float().reshape(1), out,
+        counters if counters is not None else tile_counters(x_q.device, triton.cdiv(n, cfg.block_n)), g, n, per, BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=atomic, USE_ASM=use_asm,
         SKIP_ZEROS=skip_zeros, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

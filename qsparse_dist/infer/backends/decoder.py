@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ...kernels.decoder import DecodeLinear, decode_attention, prologue, rope_kv_write
 from ...kernels.gemv import GemvConfig
+from ...kernels.hist_gemv import HIST_SIZE
 from ...model.blocks import rope_cache
 from ...ops import LinearRecipe
 
@@ -38,7 +39,7 @@ class KernelDecoder:
 
     def __init__(self, model, max_len: int, *, dense: bool = False, dtype: torch.dtype | None = None,
                  configs: dict[str, GemvConfig] | None = None, gather: bool = True, radix: bool | None = None,
-                 ternary: str = "k4") -> None:
+                 ternary: str = "k16", hist: bool = False) -> None:
         m, sp = model.config, model.sparsity
         self.radix = radix
         if m.moe is not None:
@@ -60,14 +61,23 @@ class KernelDecoder:
             self.layers.append({
                 "attn_norm": blk.attn_norm.weight.detach().float(),
                 "ffn_norm": blk.ffn_norm.weight.detach().float(),
-                "qkv": DecodeLinear(blk.attn.qkv.weight, recipes["qkv"], self.dtype, configs.get("qkv"), gather, ternary),
-                "out": DecodeLinear(blk.attn.out.weight, recipes["out"], self.dtype, configs.get("out"), gather, ternary),
-                "fc1": DecodeLinear(blk.ffn.fc1.weight, recipes["up"], self.dtype, configs.get("up"), gather, ternary),
-                "fc2": DecodeLinear(blk.ffn.fc2.weight, recipes["down"], self.dtype, configs.get("down"), gather, ternary),
+                "qkv": DecodeLinear(blk.attn.qkv.weight, recipes["qkv"], self.dtype, configs.get("qkv"), gather, ternary,
+                                    hist),
+                "out": DecodeLinear(blk.attn.out.weight, recipes["out"], self.dtype, configs.get("out"), gather, ternary,
+                                    hist),
+                "fc1": DecodeLinear(blk.ffn.fc1.weight, recipes["up"], self.dtype, configs.get("up"), gather, ternary,
+                                    hist),
+                "fc2": DecodeLinear(blk.ffn.fc2.weight, recipes["down"], self.dtype, configs.get("down"), gather,
+                                    ternary, hist),
             })
         nqkv = (self.nh + 2 * self.ng) * self.hd
         sizes = [nqkv, self.h, 2 * self.ffn, self.h]
-        self.workspace = torch.zeros(len(self.layers), sum(sizes), device=dev, dtype=torch.float32)
+        # one memset per step zeroes the GEMV outputs (split-K adds into them) and both key histograms
+        n_ws = len(self.layers) * sum(sizes)
+        self._zeroed = torch.zeros(n_ws + 2 * HIST_SIZE, device=dev, dtype=torch.float32)
+        self.workspace = self._zeroed[:n_ws].view(len(self.layers), sum(sizes))
+        self.hist = self._zeroed[n_ws:].view(torch.int32).view(2, HIST_SIZE)
+        self._hist_cur = 0
         self.outs = [dict(zip(("qkv", "out", "fc1", "fc2"), ws.split(sizes))) for ws in self.workspace]
         self.residual = torch.zeros(1, self.h, device=dev, dtype=torch.float32)
         width = max(self.h, self.ffn, self.nh * self.hd)
@@ -83,38 +93,50 @@ class KernelDecoder:
         self.cos, self.sin = (t.contiguous() for t in rope_cache(max_len, self.hd, m.rope_theta, dev))
 
     def _input(self, lin: DecodeLinear, d: int, **kw):
-        """Prologue for ``lin``'s input; returns what ``lin`` takes (and the kept indices)."""
+        """Prologue for ``lin``'s input; returns what ``lin`` takes and the keywords of its call (the
+        kept indices, or the histograms: this one, and the other one that the GEMV zeroes)."""
         y = self.act_buf[:, :d]
+        if lin.hist:
+            hist, other = self.hist[self._hist_cur], self.hist[1 - self._hist_cur]
+            self._hist_cur = 1 - self._hist_cur
+            extra = {"hist": hist, "zero_hist": other}
+            if lin.quantized_input:
+                q = self.q_buf[:, :d]
+                prologue(kw.pop("inp"), y, d=d, q_out=(q, self.s_buf), hist_out=hist, **kw)
+                return (q, self.s_buf), {**extra, "row": y}
+            prologue(kw.pop("inp"), y, d=d, hist_out=hist, **kw)
+            return y, extra
         idx = self.idx_buf[: lin.k] if lin.gather else None
         if lin.quantized_input:
             q = self.q_buf[:, :d]
             prologue(kw.pop("inp"), y, d=d, k=lin.k, q_out=(q, self.s_buf), idx_out=idx, radix=self.radix, **kw)
-            return ((q[0, : lin.k] if lin.gather else q), self.s_buf), idx
+            return ((q[0, : lin.k] if lin.gather else q), self.s_buf), {"idx": idx}
         prologue(kw.pop("inp"), y, d=d, k=lin.k, idx_out=idx, radix=self.radix, **kw)
-        return (y[0, : lin.k] if lin.gather else y), idx
+        return (y[0, : lin.k] if lin.gather else y), {"idx": idx}
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        self.workspace.zero_()
+        self._zeroed.zero_()
+        self._hist_cur = 0
         self.residual.copy_(self.embed.index_select(0, token).float())
         h, prev = self.h, None
         for i, (lay, outs) in enumerate(zip(self.layers, self.outs)):
             if prev is None:
-                x, idx = self._input(lay["qkv"], h, inp=self.residual, norm_weight=lay["attn_norm"],
+                x, call_kw = self._input(lay["qkv"], h, inp=self.residual, norm_weight=lay["attn_norm"],
                                      norm_eps=self.eps)
             else:
-                x, idx = self._input(lay["qkv"], h, inp=prev, residual=self.residual, add_residual=True,
+                x, call_kw = self._input(lay["qkv"], h, inp=prev, residual=self.residual, add_residual=True,
                                      norm_weight=lay["attn_norm"], norm_eps=self.eps)
-            qkv = lay["qkv"](x, outs["qkv"].view(1, -1), idx)
+            qkv = lay["qkv"](x, outs["qkv"].view(1, -1), **call_kw)
             rope_kv_write(qkv, self.q_rot, self.k_cache[i], self.v_cache[i], self.cos, self.sin, pos,
                           self.nh, self.ng)
             decode_attention(self.q_rot, self.k_cache[i], self.v_cache[i], self.attn_out, pos, self.nh, self.ng)
-            x, idx = self._input(lay["out"], self.nh * self.hd, inp=self.attn_out)
-            a = lay["out"](x, outs["out"].view(1, -1), idx)
-            x, idx = self._input(lay["fc1"], h, inp=a, residual=self.residual, add_residual=True,
+            x, call_kw = self._input(lay["out"], self.nh * self.hd, inp=self.attn_out)
+            a = lay["out"](x, outs["out"].view(1, -1), **call_kw)
+            x, call_kw = self._input(lay["fc1"], h, inp=a, residual=self.residual, add_residual=True,
                                  norm_weight=lay["ffn_norm"], norm_eps=self.eps)
-            f = lay["fc1"](x, outs["fc1"].view(1, -1), idx)
-            x, idx = self._input(lay["fc2"], self.ffn, inp=f, act=self.act)
-            prev = lay["fc2"](x, outs["fc2"].view(1, -1), idx)
+            f = lay["fc1"](x, outs["fc1"].view(1, -1), **call_kw)
+            x, call_kw = self._input(lay["fc2"], self.ffn, inp=f, act=self.act)
+            prev = lay["fc2"](x, outs["fc2"].view(1, -1), **call_kw)
         y = self.act_buf[:, :h]
         prologue(prev, y, d=h, residual=self.residual, add_residual=True, norm_weight=self.final_norm,
                  norm_eps=self.eps)

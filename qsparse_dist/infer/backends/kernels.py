@@ -7,7 +7,7 @@ both follow:
 
     qsparse / block_qsparse   y = sparse_gemv(x ⊙ M, Wᵀ)          (rows of dropped features never read)
     bitnet / bitnet_qsparse   y = s_x · s_w · ternary_gemv(Q8(x ⊙ M), W_q)   (2-bit packed weights;
-                              batch 1: the dp4a kernel of :mod:`.ternary_dp4a`)
+                              batch 1: the dp4a kernels of :mod:`.ternary_dp4a`, "k16" packing)
     dense                     declined (``None``): cuBLAS is the baseline
 
 ``W_eff`` is the effective weight (``s_w · W_q`` for BitNet kinds), so the ternary codes are recovered
@@ -28,7 +28,7 @@ import torch
 
 from ...kernels import use_triton
 from ...kernels.gemv import sparse_gemv, ternary_gemv
-from ...kernels.ternary_dp4a import pack_k4, ternary_gemv_k4
+from ...kernels.ternary_dp4a import pack_k4, pack_k16, ternary_gemv_k4, ternary_gemv_k16, tile_counters
 from ...ops import LinearRecipe, quantize_activation_int8, zero_fraction
 from ...ops.packing import PackedTernary, pack_effective_ternary, to_feature_major
 from .torch_backend import InferenceLinear
@@ -51,8 +51,12 @@ class KernelLinear(InferenceLinear):
             rows_packed, scale = packed.packed.to(weight.device), packed.scale.float()
             self.register_buffer("wt_packed", to_feature_major(rows_packed, self.in_features).contiguous())
             self.register_buffer("w_scale", scale.reshape(()).to(weight.device))
-            # batch 1: the dp4a kernel reads [K/4, N] bytes (the row-packed codes, transposed)
-            self.register_buffer("p4", pack_k4(rows_packed) if self.in_features % 4 == 0 else None)
+            # batch 1: the dp4a kernels, over 16 pre-permuted codes per int32 word (K % 16 == 0, "k16") or
+            # the row-packed bytes transposed ([K/4, N], "k4")
+            k16 = self.in_features % 16 == 0
+            self.register_buffer("p16", pack_k16(rows_packed, self.in_features) if k16 else None)
+            self.register_buffer("p4", pack_k4(rows_packed) if self.in_features % 4 == 0 and not k16 else None)
+            tile_counters(weight.device, 1)  # split-K arrival counters, allocated outside any graph capture
         else:
             self.register_buffer("wt", weight.detach().t().contiguous())
 
@@ -67,7 +71,9 @@ class KernelLinear(InferenceLinear):
             self.calls += 1
         if self.recipe.quantized:
             q, s = quantize_activation_int8(x_in)
-            if rows == 1 and self.p4 is not None:
+            if rows == 1 and self.p16 is not None:
+                y = ternary_gemv_k16(q, s.reshape(-1), self.p16, self.w_scale, skip_zeros=self.recipe.uses_topk)
+            elif rows == 1 and self.p4 is not None:
                 y = ternary_gemv_k4(q, s.reshape(-1), self.p4, self.w_scale, skip_zeros=self.recipe.uses_topk)
             else:
                 y = ternary_gemv(q, s.reshape(-1), self.wt_packed, self.w_scale, self.out_features,
