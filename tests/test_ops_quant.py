@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,16 @@ def test_fake_quant_keeps_dtype(dtype):
     assert fake_quant_activation_int8(w).dtype == dtype
     w_q, s = quantize_weight_ternary(w)
     assert w_q.dtype == torch.int8 and s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_int8_scale_is_the_correctly_rounded_quotient(device):
+    """``s_x = absmax / 127`` rounded once (numpy's float32 division is IEEE), as the Triton kernels
+    compute it (``div_rn``); multiplying by the rounded reciprocal — what CUDA does for ``tensor /
+    python_scalar`` — differs in 200 of these 4096 rows."""
+    x = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) * 10
+    _, s = quantize_activation_int8(x.to(device))
+    m = x.abs().amax(-1, keepdim=True).numpy().astype(np.float32)
+    want = m / np.float32(127)
+    assert np.array_equal(s.cpu().numpy(), want)
+    assert not np.array_equal(want, m * (np.float32(1) / np.float32(127)))  # the data tells them apart
