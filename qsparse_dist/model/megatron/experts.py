@@ -1,7 +1,7 @@
 """MoE experts through one grouped GEMM per projection, and the MoE layer that feeds them without host syncs.
 
 :class:`QSparseGroupedMLP` is the ``mlp.submodules.experts`` of our megatron ``MoELayer`` spec.  It
-holds exactly the modules of :class:`~qsparse_dist.model.megatron.specs.QSparseSequentialMLP`
+holds exactly the modules of :class:`~qsparse_dist.model.megatron.mlp.QSparseSequentialMLP`
 (``local_experts.{e}.linear_fc{1,2}.weight``, each a Q-Sparse/BitNet parallel linear), so state
 dicts, checkpoints, the HF adapter and the expert-parameter predicates are unchanged; only the forward
 differs.  Megatron's ``SequentialMLP`` splits the permuted tokens on the host (``tokens_per_expert
