@@ -241,32 +241,44 @@ def _hist_k4_kernel(
     _store_int_sum(out_ptr, n, nmask, tot, sw_ptr, sx_ptr, cnt_ptr, pid_n, tl.num_programs(1), ATOMIC)
 
 
-def hist_ternary_k4(y: torch.Tensor, q: torch.Tensor, x_scale: torch.Tensor, hist: torch.Tensor, k: int,
-                    p: torch.Tensor, w_scale: torch.Tensor, *, config: GemvConfig | None = None,
-                    out: torch.Tensor | None = None, out_is_zeroed: bool = False,
-                    zero_hist: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
-    """``s_w s_x (q ⊙ topk_mask_k(y)) @ (codes - 1)`` -> float32 ``[1, N]``: ``q`` int8 codes of the whole
-    row, ``y`` the 16-bit row they quantize (its keys select), ``p = pack_k4(...)`` ``[K/4, N]``."""
+def _launch_hist_ternary(kernel, group: int, p_dtype: torch.dtype, default_cfg, y: torch.Tensor, q: torch.Tensor,
+                         x_scale: torch.Tensor, hist: torch.Tensor, k: int, p: torch.Tensor, w_scale: torch.Tensor,
+                         config: GemvConfig | None, out: torch.Tensor | None, out_is_zeroed: bool,
+                         zero_hist: torch.Tensor | None, counters: torch.Tensor | None) -> torch.Tensor:
+    """Checks and launch shared by the k4 / k16 kernels: ``group`` inputs per packed element of ``p``
+    (``[K/group, N]`` of ``p_dtype``), the int8 codes ``q`` read as int32 words."""
     kdim = _check(y, hist, k)
-    if q.dtype != torch.int8 or q.shape != y.shape or kdim % 4 or not q.is_contiguous() or q.data_ptr() % 4:
-        raise ValueError(f"q must be int8 like y with K % 4 == 0, 4-byte aligned, got {q.dtype} {tuple(q.shape)}")
-    if p.dtype != torch.uint8 or p.shape[0] != kdim // 4:
-        raise ValueError(f"p must be uint8 [K/4, N], got {p.dtype} {tuple(p.shape)}")
-    n, groups = p.shape[1], kdim // 4
-    cfg = config or default_hist_config(kdim, n, y.device, ternary=True)
+    if q.dtype != torch.int8 or q.shape != y.shape or kdim % group or not q.is_contiguous() or q.data_ptr() % 4:
+        raise ValueError(f"q must be int8 like y with K % {group} == 0, 4-byte aligned, got {q.dtype} {tuple(q.shape)}")
+    if p.dtype != p_dtype or p.shape[0] != kdim // group:
+        raise ValueError(f"packed codes must be {p_dtype} [K/{group}, N], got {p.dtype} {tuple(p.shape)}")
+    n, groups = p.shape[1], kdim // group
+    cfg = config or default_cfg(kdim, n, y.device)
     per, splits = _split(groups, cfg)
     if out is None:
         out = torch.zeros(1, n, device=y.device, dtype=torch.float32)
     elif splits > 1 and not out_is_zeroed:
         out.zero_()
     use_asm = y.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    _hist_k4_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+    tiles = triton.cdiv(n, cfg.block_n)
+    kernel[(tiles, splits)](
         q.view(torch.int32), y, hist, zero_hist if zero_hist is not None else hist, x_scale.float().reshape(-1), p,
-        w_scale.float().reshape(1), out, counters if counters is not None else tile_counters(y.device, triton.cdiv(n, cfg.block_n)),
+        w_scale.float().reshape(1), out, counters if counters is not None else tile_counters(y.device, tiles),
         groups, n, k, kdim, per, BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n,
         ATOMIC=splits > 1, USE_ASM=use_asm, ZERO=zero_hist is not None, SIZE=HIST_SIZE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def hist_ternary_k4(y: torch.Tensor, q: torch.Tensor, x_scale: torch.Tensor, hist: torch.Tensor, k: int,
+                    p: torch.Tensor, w_scale: torch.Tensor, *, config: GemvConfig | None = None,
+                    out: torch.Tensor | None = None, out_is_zeroed: bool = False,
+                    zero_hist: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """``s_w s_x (q ⊙ topk_mask_k(y)) @ (codes - 1)`` -> float32 ``[1, N]``: ``q`` int8 codes of the whole
+    row, ``y`` the 16-bit row they quantize (its keys select), ``p = pack_k4(...)`` ``[K/4, N]``."""
+    return _launch_hist_ternary(
+        _hist_k4_kernel, 4, torch.uint8, lambda kd, n, dev: default_hist_config(kd, n, dev, ternary=True),
+        y, q, x_scale, hist, k, p, w_scale, config, out, out_is_zeroed, zero_hist, counters)
 
 
 @triton.jit
@@ -312,26 +324,8 @@ def hist_ternary_k16(y: torch.Tensor, q: torch.Tensor, x_scale: torch.Tensor, hi
     """:func:`hist_ternary_k4` over ``p16 = pack_k16(...)`` int32 ``[K/16, N]`` (K % 16 == 0)."""
     from .ternary_dp4a import default_k16_config
 
-    kdim = _check(y, hist, k)
-    if q.dtype != torch.int8 or q.shape != y.shape or kdim % 16 or not q.is_contiguous() or q.data_ptr() % 4:
-        raise ValueError(f"q must be int8 like y with K % 16 == 0, 4-byte aligned, got {q.dtype} {tuple(q.shape)}")
-    if p16.dtype != torch.int32 or p16.shape[0] != kdim // 16:
-        raise ValueError(f"p16 must be int32 [K/16, N], got {p16.dtype} {tuple(p16.shape)}")
-    n, groups = p16.shape[1], kdim // 16
-    cfg = config or default_k16_config(kdim, n, y.device)
-    per, splits = _split(groups, cfg)
-    if out is None:
-        out = torch.zeros(1, n, device=y.device, dtype=torch.float32)
-    elif splits > 1 and not out_is_zeroed:
-        out.zero_()
-    use_asm = y.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    _hist_k16_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        q.view(torch.int32), y, hist, zero_hist if zero_hist is not None else hist, x_scale.float().reshape(-1), p16,
-        w_scale.float().reshape(1), out, counters if counters is not None else tile_counters(y.device, triton.cdiv(n, cfg.block_n)),
-        groups, n, k, kdim, per, BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n,
-        ATOMIC=splits > 1, USE_ASM=use_asm, ZERO=zero_hist is not None, SIZE=HIST_SIZE,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    return _launch_hist_ternary(_hist_k16_kernel, 16, torch.int32, default_k16_config,
+                                y, q, x_scale, hist, k, p16, w_scale, config, out, out_is_zeroed, zero_hist, counters)
 
 
 def hist_threshold_torch(hist: torch.Tensor, k: int) -> tuple[int, int, int]:

@@ -144,16 +144,26 @@ def ternary_gemv_k4(
 ) -> torch.Tensor:
     """``s_w · s_x · x_q @ (codes - 1)`` -> float32 ``[1, N]`` for ``x_q`` int8 ``[1, K]`` (K % 4 == 0,
     4-byte aligned) and ``p = pack_k4(pack_ternary(W_q))`` uint8 ``[K/4, N]``."""
+    return _launch_ternary(_ternary_k4_kernel, 4, torch.uint8, default_k4_config, x_q, x_scale, p, w_scale,
+                           skip_zeros, config, out, out_is_zeroed, counters)
+
+
+def _launch_ternary(kernel, group: int, p_dtype: torch.dtype, default_cfg, x_q: torch.Tensor,
+                    x_scale: torch.Tensor, p: torch.Tensor, w_scale: torch.Tensor, skip_zeros: bool,
+                    config: GemvConfig | None, out: torch.Tensor | None, out_is_zeroed: bool,
+                    counters: torch.Tensor | None) -> torch.Tensor:
+    """Checks and launch shared by the k4 / k16 kernels: ``group`` inputs per packed element of ``p``
+    (``[K/group, N]`` of ``p_dtype``), the int8 codes read as int32 words, split-K over groups."""
     if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[0] != 1:
         raise ValueError(f"x_q must be int8 [1, K], got {x_q.dtype} {tuple(x_q.shape)}")
     k = x_q.shape[1]
-    if k % 4 or p.dtype != torch.uint8 or p.dim() != 2 or p.shape[0] != k // 4:
-        raise ValueError(f"p must be uint8 [K/4, N] with K={k} a multiple of 4, got {p.dtype} {tuple(p.shape)}")
+    if k % group or p.dtype != p_dtype or p.dim() != 2 or p.shape[0] != k // group:
+        raise ValueError(f"packed codes must be {p_dtype} [K/{group}, N] with K={k} a multiple of {group}, "
+                         f"got {p.dtype} {tuple(p.shape)}")
     if not x_q.is_contiguous() or x_q.data_ptr() % 4:
         x_q = x_q.contiguous().clone()
-    n = p.shape[1]
-    g = k // 4
-    cfg = config or default_k4_config(k, n, x_q.device)
+    n, g = p.shape[1], k // group
+    cfg = config or default_cfg(k, n, x_q.device)
     per = triton.cdiv(triton.cdiv(g, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(g, per)
     atomic = splits > 1
@@ -162,9 +172,11 @@ def ternary_gemv_k4(
     elif atomic and not out_is_zeroed:
         out.zero_()
     use_asm = x_q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    _ternary_k4_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+    tiles = triton.cdiv(n, cfg.block_n)
+    kernel[(tiles, splits)](
         x_q.view(torch.int32), x_scale.float().reshape(-1), p, w_scale.float().reshape(1), out,
-        counters if counters is not None else tile_counters(x_q.device, triton.cdiv(n, cfg.block_n)), g, n, per, BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=atomic, USE_ASM=use_asm,
+        counters if counters is not None else tile_counters(x_q.device, tiles), g, n, per,
+        BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=atomic, USE_ASM=use_asm,
         SKIP_ZEROS=skip_zeros, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -269,26 +281,5 @@ def ternary_gemv_k16(
 ) -> torch.Tensor:
     """``s_w · s_x · x_q @ (codes - 1)`` -> float32 ``[1, N]`` for ``x_q`` int8 ``[1, K]`` (K % 16 == 0,
     4-byte aligned) and ``p16 = pack_k16(pack_ternary(W_q), K)`` int32 ``[K/16, N]``."""
-    if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[0] != 1:
-        raise ValueError(f"x_q must be int8 [1, K], got {x_q.dtype} {tuple(x_q.shape)}")
-    k = x_q.shape[1]
-    if k % 16 or p16.dtype != torch.int32 or p16.dim() != 2 or p16.shape[0] != k // 16:
-        raise ValueError(f"p16 must be int32 [K/16, N] with K={k} a multiple of 16, got {p16.dtype} {tuple(p16.shape)}")
-    if not x_q.is_contiguous() or x_q.data_ptr() % 4:
-        x_q = x_q.contiguous().clone()
-    n, g = p16.shape[1], k // 16
-    cfg = config or default_k16_config(k, n, x_q.device)
-    per = triton.cdiv(triton.cdiv(g, cfg.split_k), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(g, per)
-    atomic = splits > 1
-    if out is None:
-        out = torch.zeros(1, n, device=x_q.device, dtype=torch.float32)
-    elif atomic and not out_is_zeroed:
-        out.zero_()
-    use_asm = x_q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    _ternary_k16_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        x_q.view(torch.int32), x_scale.float().reshape(-1), p16, w_scale.float().reshape(1), out,
-        counters if counters is not None else tile_counters(x_q.device, triton.cdiv(n, cfg.block_n)), g, n, per, BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=atomic, USE_ASM=use_asm,
-        SKIP_ZEROS=skip_zeros, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
+    return _launch_ternary(_ternary_k16_kernel, 16, torch.int32, default_k16_config, x_q, x_scale, p16, w_scale,
+                           skip_zeros, config, out, out_is_zeroed, counters)
