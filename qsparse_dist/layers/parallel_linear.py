@@ -64,7 +64,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops import LinearRecipe, dispatch, scale_codes_product
 from ..ops.quant import codes_ste, quantize_weight_ternary
 from .global_topk import group_size, tp_global_ternary_scale, tp_input_codes, tp_prepare_input
-from .sparse_linear import SPARSE_TENSOR_CORE_MODES, use_sparse24
+from .sparse_linear import check_sparse_tensor_cores, use_sparse24
 
 __all__ = ["QSparseColumnParallelLinear", "QSparseRowParallelLinear", "QSparseLinearMixin",
            "invalidate_weight_caches"]
@@ -113,10 +113,7 @@ class QSparseLinearMixin:
                       sparse_tensor_cores: str = "auto") -> None:
         self.recipe = recipe or LinearRecipe()
         self.projection = projection
-        if sparse_tensor_cores not in SPARSE_TENSOR_CORE_MODES:
-            raise ValueError(f"sparsity.sparse_tensor_cores must be one of {SPARSE_TENSOR_CORE_MODES}, got "
-                             f"{sparse_tensor_cores!r}")
-        self.sparse_tensor_cores = sparse_tensor_cores
+        self.sparse_tensor_cores = check_sparse_tensor_cores(sparse_tensor_cores)
         self._qsd_sparse24 = False
         bs = self.recipe.block_size
         if bs is not None and in_features_local % bs:

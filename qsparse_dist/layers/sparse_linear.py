@@ -25,12 +25,19 @@ from torch import nn
 
 from ..ops import LinearRecipe, bitnet_linear, dispatch, int8_codes_ste, kept_count, zero_fraction
 
-__all__ = ["SPARSE_TENSOR_CORE_MODES", "SparseLinear", "is_sparse24", "use_sparse24"]
+__all__ = ["SPARSE_TENSOR_CORE_MODES", "SparseLinear", "check_sparse_tensor_cores", "is_sparse24", "use_sparse24"]
 
 SPARSE_TENSOR_CORE_MODES = ("auto", "on", "off")
 AUTO_USES_SPARSE_TENSOR_CORES = False
 """Whether ``sparse_tensor_cores="auto"`` takes the sparse-tensor-core path: only once a backend is measured
 faster than the dense GEMM including the compression (``tools/bench_sparse24.py``); not on the H200 yet."""
+
+
+def check_sparse_tensor_cores(mode: str) -> str:
+    """``mode`` if it is one of :data:`SPARSE_TENSOR_CORE_MODES`, else ``ValueError`` naming the field."""
+    if mode not in SPARSE_TENSOR_CORE_MODES:
+        raise ValueError(f"sparsity.sparse_tensor_cores must be one of {SPARSE_TENSOR_CORE_MODES}, got {mode!r}")
+    return mode
 
 
 def is_sparse24(recipe: LinearRecipe) -> bool:
@@ -87,10 +94,7 @@ class SparseLinear(nn.Module):
         sparse_tensor_cores: str = "auto",
     ) -> None:
         super().__init__()
-        if sparse_tensor_cores not in SPARSE_TENSOR_CORE_MODES:
-            raise ValueError(f"sparse_tensor_cores must be one of {SPARSE_TENSOR_CORE_MODES}, got "
-                             f"{sparse_tensor_cores!r}")
-        self.sparse_tensor_cores = sparse_tensor_cores
+        self.sparse_tensor_cores = check_sparse_tensor_cores(sparse_tensor_cores)
         self.in_features, self.out_features = in_features, out_features
         self.recipe = recipe or LinearRecipe()
         if self.recipe.block_size and in_features % self.recipe.block_size:
