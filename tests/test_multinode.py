@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_deepspeed_no_ssh_mode_one_launcher_per_host(cluster, tmp_path):
     rank layout, no ssh involved; ``--num_gpus 1`` trims each host to one process."""
     procs = []
     for i in (0, 1):
-        argv = [".venv/bin/python", "-m", "deepspeed.launcher.runner", "--hostfile", cluster.hostfile,
+        argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", cluster.hostfile,
                 "--num_nodes", "2", "--num_gpus", "1", "--no_ssh", "--node_rank", str(i),
                 "--master_addr", cluster.master_addr, "--master_port", "29600",
                 "--module", "tests.multinode.gloo_probe", "--out", tmp_path / "res"]
