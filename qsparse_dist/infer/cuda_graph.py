@@ -13,6 +13,11 @@ follow to be captured (PyTorch's, restated for the runtime):
 * the outputs returned are the static output tensors, overwritten by the next replay: copy what
   must outlive it.
 
+Kernels launched with Programmatic Dependent Launch (:mod:`qsparse_dist.kernels.pdl`, on by default
+on Hopper) are captured as programmatic graph edges (CUDA >= 12.3) and keep their overlap on replay;
+nothing changes here (H200, torch 2.11 + CUDA 13.0: fp32 graph parity of the decode step checked by
+``tools/bench_decode.py``).
+
 On a CPU tensor (or ``enabled=False``) :class:`GraphedStep` just calls the function, so the same
 runtime code runs everywhere.
 """

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import grid_dependency_wait, launch_kwargs
+
 __all__ = ["GemvConfig", "default_config", "gather_gemv", "sparse_gemv", "ternary_gemv"]
 
 
@@ -141,7 +143,9 @@ def _sparse_gemv_kernel(
     BLOCK_N: tl.constexpr,
     ATOMIC: tl.constexpr,
     DOT_F32: tl.constexpr,  # the Triton interpreter multiplies bf16 bit patterns as integers
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,7 +201,9 @@ def _ternary_gemv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_NB: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     j = pid_n * BLOCK_NB + tl.arange(0, BLOCK_NB)  # packed byte column: outputs 4j..4j+3
@@ -266,6 +272,7 @@ def _ternary_gemv_w32_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_NW: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
     """Batch 1, packed rows read as 32-bit words (16 codes, outputs 16w..16w+15).
 
@@ -274,6 +281,7 @@ def _ternary_gemv_w32_kernel(
     ``acc = Σ x + ¼ Σ x·c`` and ``Σ x·(c - 1) = 4·(acc - Σ x) - Σ x``; every partial sum is a
     multiple of 1/4 below 2^22 for K <= 22000, hence exact in float32.
     """
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     jw = pid_n * BLOCK_NW + tl.arange(0, BLOCK_NW)
@@ -310,6 +318,7 @@ def _gather_gemv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
     """Batch 1 over the compacted kept features: ``idx [KEPT]`` rows of the feature-major weight,
     ``v [KEPT]`` their activations.  The loop runs over kept rows only (work ∝ 1 - sparsity).
@@ -318,6 +327,7 @@ def _gather_gemv_kernel(
     ``NCOL = N/16`` 32-bit words of 2-bit codes, decoded as in ``_ternary_gemv_w32_kernel``
     (``v`` = int8 codes, output scaled by ``s_w · s_x``).  Software-pipelined one tile ahead.
     """
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     c = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -414,7 +424,7 @@ def sparse_gemv(
         x, wt, out, bsz, k, n, k_per_split,
         SKIP_ZEROS=skip_zeros, BP=bp, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=atomic,
         DOT_F32=not x.is_cuda or wt.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(out.device),
     )
     return out
 
@@ -473,7 +483,7 @@ def ternary_gemv(
             x_q, x_scale.float().contiguous(), words, w_scale.float().reshape(1), out,
             k, n, nw, k_per_split,
             SKIP_ZEROS=skip_zeros, BLOCK_K=cfg.block_k, BLOCK_NW=block_nw, ATOMIC=atomic,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(out.device),
         )
         return out
     block_nb = cfg.block_n // 4
@@ -488,7 +498,7 @@ def ternary_gemv(
         x_q, x_scale.float().contiguous(), wt_packed, w_scale.float().reshape(1), out,
         bsz, k, n, nb, k_per_split,
         SKIP_ZEROS=skip_zeros, BP=bp, BLOCK_K=block_k, BLOCK_NB=block_nb, ATOMIC=atomic,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(out.device),
     )
     return out
 
@@ -546,6 +556,6 @@ def gather_gemv(
         vals, idx, w, x_scale.float().reshape(-1) if ternary else one, w_scale.float().reshape(1) if ternary else one,
         out, kept, n, ncol, per_split,
         TERNARY=ternary, BLOCK_K=cfg.block_k, BLOCK_C=block_c, ATOMIC=atomic,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(out.device),
     )
     return out

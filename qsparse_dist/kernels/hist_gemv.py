@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .gemv import GemvConfig, _load_tile, _num_sms, _write_out
+from .pdl import grid_dependency_wait, launch_kwargs
 from .ternary_dp4a import _dp4a, _k16_accumulate, _store_int_sum, tile_counters
 
 __all__ = ["HIST_SIZE", "hist_sparse_gemv", "hist_ternary_k4", "hist_ternary_k16", "hist_threshold_torch", "default_hist_config",
@@ -122,7 +123,9 @@ def _hist_sparse_gemv_kernel(
     K, N, k, k_per_split,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr, ZERO: tl.constexpr,
     SIZE: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if ZERO:
@@ -199,7 +202,7 @@ def hist_sparse_gemv(y: torch.Tensor, hist: torch.Tensor, k: int, wt: torch.Tens
     _hist_sparse_gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         y, hist, zero_hist if zero_hist is not None else hist, wt, out, kdim, n, k, per,
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=splits > 1, ZERO=zero_hist is not None, SIZE=HIST_SIZE,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(out.device))
     return out
 
 
@@ -209,7 +212,9 @@ def _hist_k4_kernel(
     G, N, k, D, g_per_split,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
     ZERO: tl.constexpr, SIZE: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if ZERO:
@@ -266,7 +271,7 @@ def _launch_hist_ternary(kernel, group: int, p_dtype: torch.dtype, default_cfg, 
         w_scale.float().reshape(1), out, counters if counters is not None else tile_counters(y.device, tiles),
         groups, n, k, kdim, per, BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n,
         ATOMIC=splits > 1, USE_ASM=use_asm, ZERO=zero_hist is not None, SIZE=HIST_SIZE,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(out.device))
     return out
 
 
@@ -287,7 +292,9 @@ def _hist_k16_kernel(
     G, N, k, D, g_per_split,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
     ZERO: tl.constexpr, SIZE: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if ZERO:

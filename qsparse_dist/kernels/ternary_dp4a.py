@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .gemv import GemvConfig, _num_sms
+from .pdl import grid_dependency_wait, launch_kwargs
 
 __all__ = ["tile_counters", "pack_k4", "ternary_gemv_k4", "default_k4_config", "pack_k16", "ternary_gemv_k16", "default_k16_config"]
 
@@ -96,7 +97,9 @@ def _ternary_k4_kernel(
     G, N, g_per_split,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
     SKIP_ZEROS: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,6 +181,7 @@ def _launch_ternary(kernel, group: int, p_dtype: torch.dtype, default_cfg, x_q: 
         counters if counters is not None else tile_counters(x_q.device, tiles), g, n, per,
         BLOCK_G=cfg.block_k, BLOCK_N=cfg.block_n, ATOMIC=atomic, USE_ASM=use_asm,
         SKIP_ZEROS=skip_zeros, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_kwargs(out.device),
     )
     return out
 
@@ -220,7 +224,9 @@ def _ternary_k16_kernel(
     G, N, g_per_split,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
     SKIP_ZEROS: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (.pdl): wait before any access
 ):
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
