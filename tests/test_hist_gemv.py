@@ -169,7 +169,7 @@ def test_kernel_decoder_hist_matches_exact_select_decoder(kind, torch_ops):
     outs = []
     with torch.no_grad():
         for opts in ({"hist": True, "ternary": "k4"}, {"hist": True, "ternary": "k16"},
-                     {"radix": True, "gather": False, "ternary": "k4"}):
+                     {"select": "radix", "gather": False, "ternary": "k4"}):
             dec = KernelDecoder(model, max_len=8, **opts)
             assert all(lay["fc2"].hist for lay in dec.layers) == ("hist" in opts)
             assert kind == "qsparse" or dec.layers[0]["fc2"].mode == f"ternary_{opts['ternary']}"

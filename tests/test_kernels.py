@@ -345,9 +345,10 @@ def test_gemv_argument_errors():
 
 DECODER_CASES = {  # id: (kind, KernelDecoder options)
     "qsparse": ("qsparse", {}),
-    "qsparse-radix-pred": ("qsparse", {"radix": True, "gather": False}),
+    "qsparse-radix-pred": ("qsparse", {"select": "radix", "gather": False}),
+    "qsparse-swar": ("qsparse", {"select": "swar"}),
     "bitnet_qsparse": ("bitnet_qsparse", {}),
-    "bitnet_qsparse-float-bisect": ("bitnet_qsparse", {"ternary": "float", "radix": False}),
+    "bitnet_qsparse-float-bisect": ("bitnet_qsparse", {"ternary": "float", "select": "bisect"}),
     "bitnet": ("bitnet", {}),
     "dense": ("dense", {}),
 }
@@ -400,6 +401,55 @@ def test_radix_select_wide_row_fp32_and_mass_ties(torch_ops):
     for dt in (torch.float32, torch.bfloat16):
         xd = x.to(dt).to(DEV)
         assert torch.equal(radix_topk_mask(xd, 7168), topk_mask(xd, 0.5))
+
+
+@pytest.mark.parametrize("slots", [False, True], ids=["mask", "slots"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,sparsity", [(2, 0.5), (37, 0.5), (300, 0.7), (1000, 0.5), (14336, 0.5)])
+def test_swar_select_identical_to_reference_with_ties(slots, dtype, d, sparsity, torch_ops):
+    """Two-keys-per-word select (decode prologue): the mask of the torch top-K on random rows, a row of
+    mass ties and a row whose first half is zeros (t = 0), odd widths included; with ``slots``, every
+    kept element's position in the compacted list is its rank among the kept in index order."""
+    from qsparse_dist.kernels.select import swar_topk_mask
+    from qsparse_dist.ops import kept_count
+
+    x = _x(3, d, dtype, seed=d + slots)
+    x[1] = x[1].abs().round()
+    x[2, : d // 2] = 0
+    ref = topk_mask(x, sparsity)
+    got = swar_topk_mask(x, kept_count(d, sparsity), slots=slots)
+    if slots:
+        got, slot = got
+        rank = torch.where(ref, ref.int().cumsum(1) - 1, torch.full_like(slot, -1))
+        assert torch.equal(slot, rank)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("select", ["bisect", "radix", "swar"])
+@pytest.mark.parametrize("quant", [False, True], ids=["bf16", "int8"])
+def test_prologue_select_variants_keep_the_reference_top_k(select, quant, torch_ops):
+    """The fused prologue (residual + RMSNorm + top-K [+ int8] + compacted list) with every selection:
+    the kept list is the torch top-K of the prologue's own unselected row, in index order."""
+    from qsparse_dist.kernels.decoder import prologue
+    from qsparse_dist.ops import kept_count
+
+    g = torch.Generator().manual_seed(5)
+    d = 1000
+    k = kept_count(d, 0.5)
+    inp = torch.randn(1, d, generator=g).to(DEV)
+    res = torch.randn(1, d, generator=g).to(DEV)
+    w = torch.rand(d, generator=g).to(DEV)
+    full = torch.zeros(1, d, dtype=torch.bfloat16, device=DEV)
+    prologue(inp, full, d=d, residual=res.clone(), add_residual=True, norm_weight=w)
+    ref_idx = topk_mask(full, 0.5)[0].nonzero().flatten().int()
+    y = torch.zeros(1, d, dtype=torch.bfloat16, device=DEV)
+    idx = torch.zeros(k, dtype=torch.int32, device=DEV)
+    q = (torch.zeros(1, d, dtype=torch.int8, device=DEV), torch.zeros(1, device=DEV)) if quant else None
+    prologue(inp, y, d=d, k=k, residual=res.clone(), add_residual=True, norm_weight=w, idx_out=idx, q_out=q,
+             select=select)
+    assert torch.equal(idx, ref_idx)
+    if not quant:
+        assert torch.equal(y[0, :k], full[0, ref_idx.long()])
 
 
 @pytest.mark.parametrize("cfg", [None, GemvConfig(block_n=16, block_k=4, split_k=3)], ids=["default", "splitk"])

@@ -14,7 +14,13 @@ bisection otherwise), ``+float`` the float-decoding ternary
 GEMVs instead of the dp4a kernels, ``+k4`` the 4-codes-per-byte dp4a kernel instead of the default
 16-codes-per-word one (``k16``; ``+k16`` names the default explicitly), ``+hist`` the top-K
 selected inside the GEMVs from the prologue's key histogram (``kernels/hist_gemv.py``), ``+tuned`` the
-fastest GEMV tiles of this run's per-kernel sweep, ``+wA/B`` prologue warps A for rows <= 8192 features, B above.  Also printed: the device copy
+fastest GEMV tiles of this run's per-kernel sweep, ``+wA/B`` prologue warps A for rows <= 8192 features, B above,
+``+nopdl`` every Triton kernel launched without Programmatic Dependent Launch (default: with it where
+supported, with the early ``launch_dependents``, ``qsparse_dist/kernels/pdl.py``), ``+wait`` PDL without the early
+trigger, ``+trigger`` names the default explicitly; the table's
+``pdl_gain`` is tok/s of a kind over its ``+nopdl`` twin in the same run, ``same_tokens`` the fraction of greedy
+tokens they agree on.  The fp32 parity also replays the decoder through its CUDA graph (``rel_graph``, 4
+positions, PDL as configured): a missing dependency wait would show there.  Also printed: the device copy
 bandwidth (the ceiling), plain cuBLAS streaming the same weights (no other work), the bytes each
 kind must read per token and the fraction of the copy bandwidth that the measured rate implies, and a
 per-kernel table (µs and GB/s per projection).
@@ -36,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _bench_common import copy_bandwidth_gbs, env_info, graph_time_ms, print_table, write_json  # noqa: E402
-from decode_parity import PRESETS, diagnose, model_config, sparsity_config  # noqa: E402
+from decode_parity import PRESETS, diagnose, model_config, sparsity_config, torch_ops  # noqa: E402
 
 import qsparse_dist.kernels.decoder as decoder_mod  # noqa: E402
+import qsparse_dist.kernels.pdl as pdl  # noqa: E402
 from qsparse_dist.infer.backends.decoder import KernelDecoder  # noqa: E402
 from qsparse_dist.infer.cuda_graph import GraphedStep  # noqa: E402
 from qsparse_dist.kernels.decoder import prologue  # noqa: E402
@@ -57,7 +64,8 @@ from qsparse_dist.ops import kept_count, pack_ternary  # noqa: E402
 PROMPT_TOKEN = 17
 
 
-def decode_tokens_per_s(dec: KernelDecoder, n_tokens: int) -> float:
+def decode_tokens_per_s(dec: KernelDecoder, n_tokens: int) -> tuple[float, list[int]]:
+    """Greedy decode rate of the graphed step, and the tokens it produced."""
     dev = dec.residual.device
     tok = torch.full((1,), PROMPT_TOKEN, dtype=torch.long, device=dev)
     positions = torch.arange(n_tokens + 8, device=dev)
@@ -68,12 +76,71 @@ def decode_tokens_per_s(dec: KernelDecoder, n_tokens: int) -> float:
     dec.reset()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    toks = []
     s.record()
     for p in range(n_tokens):
         tok = step(tok, positions[p:p + 1]).argmax(-1)
+        toks.append(tok)
     e.record()
     e.synchronize()
-    return n_tokens / (s.elapsed_time(e) / 1e3)
+    return n_tokens / (s.elapsed_time(e) / 1e3), torch.cat(toks).tolist()
+
+
+def _rel_rows(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    return [float(v) for v in ((a - b).norm(dim=-1) / b.norm(dim=-1))]
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+def _sdpa_float64(q, k, v, *args, **kw):
+    """The reference's attention computed in float64 (the same function, other last bits)."""
+    return _SDPA(q.double(), k.double(), v.double(), *args, **kw).to(q.dtype)
+
+
+def graph_parity(model, dec: KernelDecoder, steps: int = 4, detail: bool = False) -> dict:
+    """``rel_graph``: ``rel`` of the CUDA-graph-replayed decode over ``steps`` positions (launches exactly
+    as in the timed runs, PDL included) against the reference forward of the same tokens.  ``detail``
+    adds per position: the graph's rel, the eager step's (graph capture ruled out) and the reference's
+    own rel against itself with float64 RMSNorms and with float64 attention (two more correct float32
+    models: the noise floor of the model's float32 arithmetic at that position)."""
+    from decode_parity import _rmsnorm_float64
+
+    from qsparse_dist.model.blocks import RMSNorm
+
+    dev = dec.residual.device
+    toks = torch.randint(0, model.config.vocab_size, (1, steps), generator=torch.Generator().manual_seed(3)).to(dev)
+    with torch_ops(), torch.no_grad():
+        ref = model(toks)[0].float()
+    with torch.no_grad():
+        step = GraphedStep(dec.step, (toks[0, :1], torch.zeros(1, dtype=torch.long, device=dev)),
+                           enabled=dev.type == "cuda")
+        dec.reset()
+        got = torch.stack([step(toks[0, p:p + 1], torch.tensor([p], device=dev))[0].float().clone()
+                           for p in range(steps)])
+        out = {"rel_graph": float((got - ref).norm() / ref.norm())}
+        if detail:
+            dec.reset()
+            eager = torch.stack([dec.step(toks[0, p:p + 1], torch.tensor([p], device=dev))[0].float().clone()
+                                 for p in range(steps)])
+            forward = RMSNorm.forward
+            RMSNorm.forward = _rmsnorm_float64
+            try:
+                with torch_ops():
+                    ref64 = model(toks)[0].float()
+            finally:
+                RMSNorm.forward = forward
+            sdpa = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _sdpa_float64
+            try:
+                with torch_ops():
+                    ref_att64 = model(toks)[0].float()
+            finally:
+                F.scaled_dot_product_attention = sdpa
+            out.update(rel_graph_pos=_rel_rows(got, ref), rel_eager_pos=_rel_rows(eager, ref),
+                       rel_ref_norm64_pos=_rel_rows(ref64, ref), rel_ref_attn64_pos=_rel_rows(ref_att64, ref))
+    dec.reset()
+    return out
 
 
 def proj_shapes(m) -> dict[str, tuple[int, int]]:
@@ -143,9 +210,8 @@ def _kernel_row(name: str, k: int, n: int, sp: float, bw: float, l2: int) -> dic
     q = torch.empty(1, k, dtype=torch.int8, device="cuda")
     s = torch.empty(1, device="cuda")
     r = {"proj": name, "K": k, "N": n}
-    for radix in (True, False):
-        r[f"sel_{'radix' if radix else 'bisect'}_us"] = amortized_us(
-            lambda radix=radix: prologue(x, y, d=k, k=kk, idx_out=idx, radix=radix))
+    for sel in ("radix", "bisect", "swar"):
+        r[f"sel_{sel}_us"] = amortized_us(lambda sel=sel: prologue(x, y, d=k, k=kk, idx_out=idx, select=sel))
     r["sel_int8_us"] = amortized_us(lambda: prologue(x, y, d=k, k=kk, q_out=(q, s)))
     r["norm_only_us"] = amortized_us(lambda: prologue(x, y, d=k, norm_weight=x[0]))
     hist = torch.zeros(HIST_SIZE, dtype=torch.int32, device="cuda")
@@ -265,6 +331,21 @@ def tuned_configs(ktab: list[dict], kind: str, variants: list[str]) -> dict[str,
     return {names[r["proj"]]: GemvConfig(**r[key]) for r in ktab if key in r and r["proj"] in names}
 
 
+def _pdl_pairs(rows: list[dict]) -> None:
+    """For every kind also run as ``+nopdl`` (or ``+trigger``): ``pdl_gain`` = its tok/s over the ``+nopdl``
+    twin's, ``same_tokens`` = fraction of identical greedy tokens."""
+    def base(spec: str) -> str:
+        return "+".join(v for v in spec.split("+") if v not in ("nopdl", "trigger", "wait"))
+
+    off = {base(r["kind"]): r for r in rows if "nopdl" in r["kind"].split("+") and "tok_per_s" in r}
+    for r in rows:
+        twin = off.get(base(r["kind"]))
+        if twin is None or twin is r or "tok_per_s" not in r:
+            continue
+        r["pdl_gain"] = r["tok_per_s"] / twin["tok_per_s"]
+        r["same_tokens"] = sum(a == b for a, b in zip(r["tokens"], twin["tokens"])) / max(1, len(r["tokens"]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
@@ -309,8 +390,16 @@ def main(argv=None) -> int:
                 model = QSparseGPT(pm, sparsity_config(kind, args.sparsity)).float().eval()
             try:
                 dec = KernelDecoder(model, 64, dense=kind == "dense", ternary="k4" if "k4" in variants else "k16")
-                row = {"kind": spec, "layers": args.parity_layers, **diagnose(model, dec)}
-                row["ok_1e-5"] = row["rel"] <= 1e-5
+                row = {"kind": spec, "layers": args.parity_layers, "pdl": pdl.launch_kwargs(dec.residual.device).get("PDL", 0),
+                       **diagnose(model, dec)}
+                row.update(graph_parity(model, dec, detail=True))
+                if row["pdl"]:  # the same replay without PDL: a missing wait would make the two differ
+                    pdl_was, pdl.ENABLED = pdl.ENABLED, False
+                    try:
+                        row["rel_graph_nopdl"] = graph_parity(model, dec)["rel_graph"]
+                    finally:
+                        pdl.ENABLED = pdl_was
+                row["ok_1e-5"] = max(row["rel"], row["rel_graph"]) <= 1e-5
             except Exception as e:
                 row = {"kind": kind, "error": repr(e)[:300]}
             parity.append(row)
@@ -324,7 +413,7 @@ def main(argv=None) -> int:
     rows, base = [], None
     for spec in args.kinds.split(","):
         kind, *variants = spec.split("+")
-        warps = next((tuple(int(w) for w in v[1:].split("/")) for v in variants if v.startswith("w")), None)
+        warps = next((tuple(int(w) for w in v[1:].split("/")) for v in variants if v[:1] == "w" and v[1:2].isdigit()), None)
         warps = warps[0] if warps and len(warps) == 1 else warps
         sp = args.sparsity if kind.endswith("qsparse") else 0.0
         torch.manual_seed(0)
@@ -332,23 +421,27 @@ def main(argv=None) -> int:
             model = QSparseGPT(m, sparsity_config(kind, args.sparsity)).to(torch.bfloat16).eval()
         try:
             decoder_mod.PROLOGUE_WARPS = warps
+            pdl.ENABLED = False if "nopdl" in variants else None
+            pdl.TRIGGER = True if "trigger" in variants else (False if "wait" in variants else None)
             dec = KernelDecoder(model, args.max_len, dense=kind == "dense", gather="pred" not in variants,
-                                radix=False if "bisect" in variants else (True if "radix" in variants else None),
+                                select=next((v for v in ("bisect", "radix", "swar") if v in variants), None),
                                 ternary="float" if "float" in variants else ("k4" if "k4" in variants else "k16"),
                                 hist="hist" in variants,
                                 configs=tuned_configs(ktab, kind, variants) if "tuned" in variants else None)
             with torch.no_grad():
                 check = kind != "dense" and (not variants or variants == ["hist"]) and not args.no_bf16_check
                 bf16_rel = diagnose(model, dec) if check else {}
-                tps = decode_tokens_per_s(dec, args.tokens)
+                pdl_mode = pdl.launch_kwargs(dec.residual.device).get("PDL", 0)
+                tps, toks = decode_tokens_per_s(dec, args.tokens)
         except Exception as e:
+            pdl.ENABLED = pdl.TRIGGER = None
             rows.append({"kind": spec, "error": repr(e)[:300]})
             print(rows[-1], flush=True)
             del model
             torch.cuda.empty_cache()
             continue
         nbytes = bytes_per_token(m, kind, sp, args.tokens // 2 + 4)
-        row = {"kind": spec, "sparsity": sp, "tok_per_s": tps, "ms_per_tok": 1e3 / tps,
+        row = {"kind": spec, "pdl": pdl_mode, "sparsity": sp, "tok_per_s": tps, "ms_per_tok": 1e3 / tps,
                "GB_per_tok": nbytes / 1e9, "bw_%": 100 * nbytes * tps / 1e9 / bw,
                "bf16_rel": bf16_rel.get("rel"), "bf16_rel_forced_masks": bf16_rel.get("rel_forced_masks"),
                "bf16_mask_flips": bf16_rel.get("mask_flips_total"),
@@ -357,10 +450,13 @@ def main(argv=None) -> int:
             base = tps
         row["vs_dense"] = tps / base if base else None
         decoder_mod.PROLOGUE_WARPS = None
+        pdl.ENABLED = pdl.TRIGGER = None
+        row["tokens"] = toks
         rows.append(row)
         print(row, flush=True)
         del model, dec
         torch.cuda.empty_cache()
+    _pdl_pairs(rows)
     res = {"env": info, "shape": shape, "model": m.model_dump(), "tokens": args.tokens, "sparsity": args.sparsity,
            "cublas_stream_ms": cub_ms, "cublas_stream_bw_%": 100 * dense_bytes / cub_ms / 1e6 / bw,
            "parity_fp32": parity, "kernels": ktab, "rows": rows, "wall_s": time.time() - t0}
@@ -368,7 +464,7 @@ def main(argv=None) -> int:
         write_json(res, args.json)
     if ktab:
         print("\n== per-kernel µs (bf16 weights; ternary packed 2-bit), % of copy bandwidth ==")
-        print_table(ktab, ["proj", "K", "N", "norm_only_us", "sel_bisect_us", "sel_radix_us", "sel_int8_us",
+        print_table(ktab, ["proj", "K", "N", "norm_only_us", "sel_bisect_us", "sel_radix_us", "sel_swar_us", "sel_int8_us",
                            "hist_prologue_us", "hist_prologue_int8_us", "cublas_us", "cublas_bw_%", "gather_us",
                            "pred_us", "hist_best_us", "hist_bw_%", "k4_us", "k4_bw_%", "k16_best_us", "k16_bw_%",
                            "hist_k16_us"])
@@ -377,7 +473,7 @@ def main(argv=None) -> int:
         print_table(parity, list(parity[0]))
     print(f"\n== {args.preset} batch-1 greedy decode, CUDA graph per step; copy bw {bw:.0f} GB/s; "
           f"plain cuBLAS stream {100 * dense_bytes / cub_ms / 1e6 / bw:.0f}% ==")
-    print_table(rows, ["kind", "sparsity", "tok_per_s", "ms_per_tok", "GB_per_tok", "bw_%", "vs_dense", "bf16_rel",
+    print_table(rows, ["kind", "pdl", "sparsity", "tok_per_s", "pdl_gain", "same_tokens", "ms_per_tok", "GB_per_tok", "bw_%", "vs_dense", "bf16_rel",
                        "bf16_rel_forced_masks", "bf16_mask_flips"])
     return 0
 

@@ -38,7 +38,8 @@ from .hist_gemv import (
     hist_ternary_k4,
     hist_ternary_k16,
 )
-from .select import radix_topk_keep
+from .pdl import grid_dependency_wait, launch_kwargs
+from .select import radix_topk_keep, swar_topk_keep, swar_topk_slots
 from .ternary_dp4a import (
     default_k4_config,
     default_k16_config,
@@ -54,23 +55,47 @@ __all__ = ["DecodeLinear", "prologue", "rope_kv_write", "decode_attention"]
 
 _ACTS = {"relu2glu": 1, "drelu": 2, "swiglu": 3}
 
-#: Top-K selection of the prologue: radix select over 8-bit digits (:mod:`.select`, ``True``), the
-#: bit-by-bit bisection shared with the training kernels (``False``), or ``None`` = by measurement
-#: (H200, tools/bench_decode.py, docs/benchmarks.md): radix when the row is also int8-quantized
-#: (bitnet_qsparse: 1.2x faster end to end at both shapes), bisection otherwise (qsparse: 1-2 % faster).
-RADIX_SELECT: bool | None = None
-#: Warps of the prologue kernel: ``None`` = one per 256 padded features, at most 8 up to 4096 features
-#: and 16 above (H200, top-K prologue amortized: 8.6-9.0 µs with 8 warps vs 9.7-10.0 µs with 16 at 4096;
-#: 16 best at 14336); an int; or ``(warps for d <= 8192, warps above)`` (tools/bench_decode.py knob).
+#: Top-K selection of the prologue (all give the mask of ``ops.topk_mask``): ``"bisect"`` the bit-by-bit
+#: bisection shared with the training kernels, ``"radix"`` radix select over 8-bit digits
+#: (:func:`.select.radix_topk_keep`), ``"swar"`` the bisection on two 16-bit keys per word with the
+#: kept list's slots from one scan (:func:`.select.swar_topk_slots`; 16-bit rows only), or ``None`` = by
+#: measurement (H200, tools/bench_prologue.py, docs/benchmarks.md): ``swar`` for bf16/fp16 rows (8B
+#: widths, with the kept list: 4096 features 8.8 / 9.4 µs bisect / radix -> 7.0 µs, 14336 27 / 32 -> 17
+#: µs; int8 rows 13-16 -> 11 µs and 42-55 -> 28 µs, before the one-scan slots), for float32 rows radix
+#: when int8-quantized and bisection otherwise (first session).
+SELECT: str | None = None
+_SELECT_CODES = {"bisect": 0, "radix": 1, "swar": 2}
+
+
+def _select_code(select: str | None, d: int, quantized: bool, sixteen_bit: bool) -> int:
+    """The prologue's ``SELECT`` constexpr for a row of ``d`` features."""
+    select = SELECT if select is None else select
+    if select is not None and select not in _SELECT_CODES:
+        raise ValueError(f"select must be one of {sorted(_SELECT_CODES)} or None, got {select!r}")
+    if select == "swar" and not sixteen_bit:
+        select = None
+    if select is None:
+        select = "swar" if sixteen_bit else ("radix" if quantized else "bisect")
+    if select == "radix" and d >= 32768:  # radix counts are packed in 16 bits
+        select = "bisect"
+    return _SELECT_CODES[select]
+
+
+#: Warps of the prologue kernel: ``None`` = by measurement (H200, tools/bench_prologue.py): one per 256
+#: padded features, at most 8 up to 4096 features and 16 above, except for a bf16/fp16 row selected
+#: by swar without int8 codes: at most 8 (fewer warps, cheaper row sums: 14336 features 16.9 / 19.3 /
+#: 26.2 µs with 8 / 16 / 32 warps; with int8 codes 38.6 / 28.0 / 33.7); an int; or ``(warps for
+#: d <= 8192, warps above)`` (tools/bench_decode.py knob).
 PROLOGUE_WARPS: int | tuple[int, int] | None = None
 
 
-def _prologue_warps(d: int) -> int:
+def _prologue_warps(d: int, select: int = 0, quant: bool = False) -> int:
     pw = PROLOGUE_WARPS
     if isinstance(pw, tuple):
         pw = pw[0] if d <= 8192 else pw[1]
     block = triton.next_power_of_2(d)
-    return pw or max(1, min(8 if block <= 4096 else 16, block // 256))
+    cap = 8 if block <= 4096 or (select == _SELECT_CODES["swar"] and not quant) else 16
+    return pw or max(1, min(cap, block // 256))
 
 
 @triton.jit
@@ -80,9 +105,11 @@ def _prologue_kernel(
     ADD_RES: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, DO_TOPK: tl.constexpr,
     QUANT: tl.constexpr, IS_BF16: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_IDX: tl.constexpr,  # batch 1: write the kept list (idx, values or codes) for gather_gemv
-    RADIX: tl.constexpr = True,  # select with 8-bit-digit histograms (2 passes bf16) instead of bit bisection
+    SELECT: tl.constexpr = 1,  # 0 bit bisection, 1 radix (8-bit-digit histograms), 2 SWAR bisection (16-bit rows)
     HIST: tl.constexpr = False,  # no selection here: write the whole row, add its keys to hist (.hist_gemv)
+    PDL: tl.constexpr = 0,  # launched with programmatic dependent launch (.pdl): wait first
 ):
+    grid_dependency_wait(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     inb = cols < D
@@ -113,14 +140,21 @@ def _prologue_kernel(
     if HIST:
         hist_accumulate(xr, inb, hist_ptr)
     if DO_TOPK:
-        if RADIX:
+        if SELECT == 2 and WRITE_IDX:  # mask and kept-list slots from one scan
+            keep1, slot1 = swar_topk_slots(xr, inb, k, BLOCK_D)
+            keep = keep1[None, :]
+            slot = slot1[None, :]
+        elif SELECT == 2:
+            keep = swar_topk_keep(xr, inb, k, BLOCK_D)[None, :]
+        elif SELECT == 1:
             keep = radix_topk_keep(xr, inb, k, KEY_BITS)[None, :]
         else:
             keep = topk_keep(xt, inb[None, :], k, KEY_BITS, 1)
         xt = tl.where(keep, xt, tl.zeros_like(xt))
         if WRITE_IDX:
             kept = keep & inb[None, :]
-            slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+            if SELECT != 2:
+                slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1
             tl.store(idx_ptr + slot, cols[None, :] + tl.zeros([1, BLOCK_D], dtype=tl.int32), mask=kept)
     if QUANT:
         yf = xt.to(tl.float32)
@@ -155,7 +189,7 @@ def prologue(
     act: str | None = None,
     q_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     idx_out: torch.Tensor | None = None,
-    radix: bool | None = None,
+    select: str | None = None,
     hist_out: torch.Tensor | None = None,
 ) -> None:
     """Fused row op writing the next projection's input into ``out`` (or int8 codes into ``q_out``).
@@ -173,8 +207,7 @@ def prologue(
     if act is not None and act not in _ACTS:
         raise ValueError(f"act must be one of {sorted(_ACTS)}, got {act!r}")
     q, s = q_out if q_out is not None else (out, out)
-    radix = RADIX_SELECT if radix is None else radix
-    radix = (q_out is not None if radix is None else radix) and d < 32768  # radix counts are packed in 16 bits
+    sel = _select_code(select, d, q_out is not None, out.dtype in (torch.bfloat16, torch.float16))
     do_topk = k is not None and k < d
     if hist_out is not None:
         if bsz != 1 or out.dtype not in (torch.bfloat16, torch.float16) or do_topk or idx_out is not None:
@@ -186,8 +219,8 @@ def prologue(
         ADD_RES=add_residual, NORM=norm_weight is not None, ACT=_ACTS[act] if act else 0,
         DO_TOPK=do_topk, QUANT=q_out is not None, IS_BF16=out.dtype == torch.bfloat16,
         KEY_BITS=15 if out.dtype in (torch.bfloat16, torch.float16) else 31,
-        BLOCK_D=triton.next_power_of_2(d), WRITE_IDX=idx_out is not None and do_topk, RADIX=radix,
-        HIST=hist_out is not None, num_warps=_prologue_warps(d),
+        BLOCK_D=triton.next_power_of_2(d), WRITE_IDX=idx_out is not None and do_topk, SELECT=sel,
+        HIST=hist_out is not None, num_warps=_prologue_warps(d, sel if do_topk else 0, q_out is not None), **launch_kwargs(inp.device),
     )
 
 
@@ -196,7 +229,9 @@ def _rope_cache_kernel(
     qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr,
     NH, NG, max_len,
     HD: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
+    grid_dependency_wait(PDL)
     h = tl.program_id(0)
     pos = tl.load(pos_ptr)
     half = tl.arange(0, HD // 2)
@@ -226,8 +261,10 @@ def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, pos_ptr,
     GROUP, max_len, sm_scale,
     HD: tl.constexpr, BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """One query head, keys 0..pos of its KV group, online softmax (flash-decoding, no split)."""
+    grid_dependency_wait(PDL)
     h = tl.program_id(0)
     g = h // GROUP
     length = tl.load(pos_ptr) + 1
@@ -258,7 +295,7 @@ def rope_kv_write(qkv: torch.Tensor, q_rot: torch.Tensor, k_cache: torch.Tensor,
     int64 ``[1]``) into ``q_rot`` / ``k_cache[:, pos]`` and copy the values to ``v_cache[:, pos]``."""
     max_len, hd = k_cache.shape[-2], k_cache.shape[-1]
     _rope_cache_kernel[(nh + 2 * ng,)](qkv, q_rot, k_cache, v_cache, cos, sin, pos, nh, ng, max_len, HD=hd,
-                                       num_warps=1)
+                                       num_warps=1, **launch_kwargs(qkv.device))
 
 
 def decode_attention(q_rot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -266,7 +303,7 @@ def decode_attention(q_rot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """``out[h] = softmax(q_h · K[:pos+1]ᵀ / √hd) · V[:pos+1]`` per query head (its KV group ``h·ng/nh``)."""
     max_len, hd = k_cache.shape[-2], k_cache.shape[-1]
     _decode_attention_kernel[(nh,)](q_rot, k_cache, v_cache, out, pos, nh // ng, max_len, 1.0 / math.sqrt(hd),
-                                    HD=hd, BLOCK_T=64, num_warps=4)
+                                    HD=hd, BLOCK_T=64, num_warps=4, **launch_kwargs(q_rot.device))
 
 
 class DecodeLinear:

@@ -38,10 +38,10 @@ class KernelDecoder:
     """
 
     def __init__(self, model, max_len: int, *, dense: bool = False, dtype: torch.dtype | None = None,
-                 configs: dict[str, GemvConfig] | None = None, gather: bool = True, radix: bool | None = None,
+                 configs: dict[str, GemvConfig] | None = None, gather: bool = True, select: str | None = None,
                  ternary: str = "k16", hist: bool = False) -> None:
         m, sp = model.config, model.sparsity
-        self.radix = radix
+        self.select = select
         if m.moe is not None:
             raise ValueError("KernelDecoder supports dense-FFN models only (model.moe is set)")
         if getattr(m, "qkv_bias", False):
@@ -109,9 +109,9 @@ class KernelDecoder:
         idx = self.idx_buf[: lin.k] if lin.gather else None
         if lin.quantized_input:
             q = self.q_buf[:, :d]
-            prologue(kw.pop("inp"), y, d=d, k=lin.k, q_out=(q, self.s_buf), idx_out=idx, radix=self.radix, **kw)
+            prologue(kw.pop("inp"), y, d=d, k=lin.k, q_out=(q, self.s_buf), idx_out=idx, select=self.select, **kw)
             return ((q[0, : lin.k] if lin.gather else q), self.s_buf), {"idx": idx}
-        prologue(kw.pop("inp"), y, d=d, k=lin.k, idx_out=idx, radix=self.radix, **kw)
+        prologue(kw.pop("inp"), y, d=d, k=lin.k, idx_out=idx, select=self.select, **kw)
         return (y[0, : lin.k] if lin.gather else y), {"idx": idx}
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
