@@ -82,10 +82,10 @@ def _select_code(select: str | None, d: int, quantized: bool, sixteen_bit: bool)
 
 
 #: Warps of the prologue kernel: ``None`` = by measurement (H200, tools/bench_prologue.py): one per 256
-#: padded features, at most 8 up to 4096 features and 16 above, except for a bf16/fp16 row selected
-#: by swar without int8 codes: at most 8 (fewer warps, cheaper row sums: 14336 features 16.9 / 19.3 /
-#: 26.2 µs with 8 / 16 / 32 warps; with int8 codes 38.6 / 28.0 / 33.7); an int; or ``(warps for
-#: d <= 8192, warps above)`` (tools/bench_decode.py knob).
+#: padded features, at most 8 up to 4096 features and 16 above; with the swar select at most 8 for
+#: bf16/fp16 rows (fewer warps, cheaper row sums: 14336 features 13.5 / 13.8 µs with 8 / 16 warps, 4096
+#: 5.6 / 6.2) and at most 16 for int8-coded rows (4096: 8.9 / 8.5 µs, 14336: 29.8 / 22.7 µs with 8 / 16);
+#: an int; or ``(warps for d <= 8192, warps above)`` (tools/bench_decode.py knob).
 PROLOGUE_WARPS: int | tuple[int, int] | None = None
 
 
@@ -94,7 +94,10 @@ def _prologue_warps(d: int, select: int = 0, quant: bool = False) -> int:
     if isinstance(pw, tuple):
         pw = pw[0] if d <= 8192 else pw[1]
     block = triton.next_power_of_2(d)
-    cap = 8 if block <= 4096 or (select == _SELECT_CODES["swar"] and not quant) else 16
+    if select == _SELECT_CODES["swar"]:
+        cap = 16 if quant else 8
+    else:
+        cap = 8 if block <= 4096 else 16
     return pw or max(1, min(cap, block // 256))
 
 
