@@ -1,21 +1,16 @@
 """``tools/bench_gemlite.py`` where it cannot measure (CPU CI, gemlite optional): ``--help`` works, a run
 refuses with exit 2 and one line, and the package itself never imports gemlite."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tools_loader import ROOT, load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("bench_gemlite_tool", ROOT / "tools" / "bench_gemlite.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_gemlite")
 
 
 def test_help_without_gemlite(capsys):

@@ -287,14 +287,11 @@ def test_zero_fraction_and_meter():
 
 def test_bench_ops_smoke(tmp_path):
     """tools/bench_ops.py runs end to end on a tiny shape and writes its JSON."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py"
-    spec = importlib.util.spec_from_file_location("bench_ops", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from tests.tools_loader import load_tool
+
+    mod = load_tool("bench_ops")
     out = tmp_path / "b.json"
     assert mod.main(["--device", "cpu", "--shapes", "8x64", "--repeat", "1", "--warmup", "0", "--out", str(out)]) == 0
     data = json.loads(out.read_text())

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,15 +15,11 @@ from qsparse_dist.data import TokenFile, prepare_data
 from qsparse_dist.export.consolidate import save_reference_checkpoint
 from qsparse_dist.model import QSparseGPT
 from tests.corpus import write_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tools_loader import load_tool
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("sparsity_report_tool", ROOT / "tools" / "sparsity_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("sparsity_report")
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ per-kernel table (µs and GB/s per projection).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,17 @@ def _rel_rows(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 _SDPA = F.scaled_dot_product_attention
 
 
+@contextlib.contextmanager
+def _swapped(owner, name: str, replacement):
+    """``owner.name`` replaced by ``replacement`` inside the block."""
+    old = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
 def _sdpa_float64(q, k, v, *args, **kw):
     """The reference's attention computed in float64 (the same function, other last bits)."""
     return _SDPA(q.double(), k.double(), v.double(), *args, **kw).to(q.dtype)
@@ -123,20 +135,10 @@ def graph_parity(model, dec: KernelDecoder, steps: int = 4, detail: bool = False
             dec.reset()
             eager = torch.stack([dec.step(toks[0, p:p + 1], torch.tensor([p], device=dev))[0].float().clone()
                                  for p in range(steps)])
-            forward = RMSNorm.forward
-            RMSNorm.forward = _rmsnorm_float64
-            try:
-                with torch_ops():
-                    ref64 = model(toks)[0].float()
-            finally:
-                RMSNorm.forward = forward
-            sdpa = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = _sdpa_float64
-            try:
-                with torch_ops():
-                    ref_att64 = model(toks)[0].float()
-            finally:
-                F.scaled_dot_product_attention = sdpa
+            with torch_ops(), _swapped(RMSNorm, "forward", _rmsnorm_float64):
+                ref64 = model(toks)[0].float()
+            with torch_ops(), _swapped(F, "scaled_dot_product_attention", _sdpa_float64):
+                ref_att64 = model(toks)[0].float()
             out.update(rel_graph_pos=_rel_rows(got, ref), rel_eager_pos=_rel_rows(eager, ref),
                        rel_ref_norm64_pos=_rel_rows(ref64, ref), rel_ref_attn64_pos=_rel_rows(ref_att64, ref))
     dec.reset()
