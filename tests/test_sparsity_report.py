@@ -84,11 +84,47 @@ def test_measure_dense_ffn_matches_targets():
     assert "top-K" in text and "0.5000" in text
 
 
+def test_batch_union_counts_the_features_any_stream_keeps():
+    """``measure_batch_union`` against a direct count: the inputs captured by hooks, masks from the torch
+    top-K, the union of each group of sequences counted feature by feature in Python."""
+    from qsparse_dist.analysis.sparsity_report import measure_batch_union
+    from qsparse_dist.layers import SparseLinear
+    from qsparse_dist.ops import topk_mask
+
+    cfg = tiny_config(moe=False)
+    torch.manual_seed(2)
+    model = QSparseGPT(cfg.model, cfg.sparsity).eval()
+    batch = torch.randint(0, 400, (4, 16), generator=torch.Generator().manual_seed(5))
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].clone()))
+             for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    with torch.no_grad():
+        model(batch)
+    for h in hooks:
+        h.remove()
+    got = measure_batch_union(model, [batch], group=2)
+
+    def union(mask):  # mask [4, T, K]: sequences (0, 1) and (2, 3) decode together
+        b, t, k = mask.shape
+        hits = sum(any(bool(mask[s, p, f]) for s in pair) for pair in ((0, 1), (2, 3)) for p in range(t)
+                   for f in range(k))
+        return hits / (2 * t * k)
+
+    xs = [seen[f"layers.{i}.attn.qkv"] for i in (0, 1)]
+    ref_own = sum(union(x * topk_mask(x, 0.5) != 0) for x in xs) / 2
+    ref_nm = sum(union(topk_mask(x, 0.5, block_size=4)) for x in xs) / 2
+    qkv = got["qkv"]
+    assert qkv["single"] == pytest.approx(0.5)
+    assert qkv["own"] == pytest.approx(ref_own, abs=1e-6) and qkv["nm"] == pytest.approx(ref_nm, abs=1e-6)
+    assert 0.5 < ref_own < 1.0 and 0.5 < ref_nm < 1.0
+    assert set(got) == {"qkv", "out", "up", "down"}
+
+
 def test_tool_on_trained_moe_checkpoint(moe_checkpoint, data_dir, tmp_path, capsys):
     ckpt, cfg = moe_checkpoint
     out = tmp_path / "report"
     rc = _load_tool().main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--batches", "2",
-                            "--batch-size", "4", "--out", str(out)])
+                            "--batch-size", "4", "--batch-union", "4", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "MoE expert load" in text and "[valid]" in text
@@ -102,6 +138,10 @@ def test_tool_on_trained_moe_checkpoint(moe_checkpoint, data_dir, tmp_path, caps
     assert all(r >= 1.0 for r in rep["expert_load_max_over_mean"])
     assert (out / "sparsity_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "sparsity_report.txt").read_text().startswith("activation sparsity")
+    union = rep["batch_union"]["per_projection"]  # attention projections only (MoE experts left out)
+    assert rep["batch_union"]["group"] == 4 and set(union) == {"qkv", "out"}
+    assert all(d["single"] <= d["own"] <= 1.0 and 0.5 <= d["nm"] <= 1.0 for d in union.values())
+    assert "decode streams reads" in text
 
 
 def test_tool_errors(moe_checkpoint, data_dir, tmp_path, capsys):
@@ -113,6 +153,8 @@ def test_tool_errors(moe_checkpoint, data_dir, tmp_path, capsys):
     assert "no meta.json" in capsys.readouterr().err
     assert tool.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--batches", "0"]) == 2
     assert "--batches must be >= 1" in capsys.readouterr().err
+    assert tool.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--batch-size", "2", "--batch-union", "4"]) == 2
+    assert "--batch-union must be between 0 and --batch-size (2)" in capsys.readouterr().err
     # a model whose vocabulary is smaller than the data's token ids
     small = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": 50})})
     torch.manual_seed(0)

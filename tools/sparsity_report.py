@@ -26,8 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=None, help="default: the model's seq_length")
+    p.add_argument("--batch-union", type=int, default=0, metavar="G",
+                   help="also report the fraction of weight rows a batch of G decode streams must read "
+                        "(union of the G tokens' masks: the model's own and 2:4)")
     p.add_argument("--out", default=None, help="output directory (default: print only)")
     args = p.parse_args(argv)
+    if args.batch_union < 0 or args.batch_union > args.batch_size:
+        print(f"sparsity_report: --batch-union must be between 0 and --batch-size ({args.batch_size})", file=sys.stderr)
+        return 2
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
             print(f"sparsity_report: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -38,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qsparse_dist.analysis.sparsity_report import (
         format_report,
+        measure_batch_union,
         measure_sparsity,
         plot_report,
         token_batches,
@@ -57,12 +64,21 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(ck.state_dict, strict=True)
         seq = args.seq_length or cfg.model.seq_length
         rep = measure_sparsity(model, cfg, token_batches(tokens.tokens, seq, args.batch_size, args.batches))
+        if args.batch_union:
+            rep.meta["batch_union"] = {"group": args.batch_union, "per_projection": measure_batch_union(
+                model, token_batches(tokens.tokens, seq, args.batch_size, args.batches), args.batch_union)}
     except (CheckpointError, DataError, ValueError) as e:
         print(f"sparsity_report: {e}", file=sys.stderr)
         return 2
     rep.meta.update(checkpoint=str(ck.source), step=ck.step, data=str(args.data), split=split,
                     linear=cfg.sparsity.linear, seq_length=seq)
     text = format_report(rep)
+    if "batch_union" in rep.meta:
+        g = rep.meta["batch_union"]["group"]
+        text += f"\n\nfraction of weight rows a batch of {g} decode streams reads (union of the {g} masks)\n"
+        text += f"{'proj':>5} {'1 token':>8} {'own, g':>8} {'2:4, g':>8}\n"
+        for proj, d in rep.meta["batch_union"]["per_projection"].items():
+            text += f"{proj:>5} {d['single']:>8.4f} {d['own']:>8.4f} {d['nm']:>8.4f}\n"
     print(f"checkpoint {ck.source} (step {ck.step}, {cfg.sparsity.linear}), data {args.data} [{split}]")
     print(text)
     if args.out:
