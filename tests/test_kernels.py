@@ -425,6 +425,14 @@ def test_swar_select_identical_to_reference_with_ties(slots, dtype, d, sparsity,
     assert torch.equal(got, ref)
 
 
+def test_prologue_rejects_an_unknown_select(torch_ops):
+    from qsparse_dist.kernels.decoder import prologue
+
+    x = torch.randn(1, 64, device=DEV)
+    with pytest.raises(ValueError, match="select must be one of"):
+        prologue(x, torch.zeros(1, 64, device=DEV), d=64, k=32, select="swar3")
+
+
 @pytest.mark.parametrize("select", ["bisect", "radix", "swar"])
 @pytest.mark.parametrize("quant", [False, True], ids=["bf16", "int8"])
 def test_prologue_select_variants_keep_the_reference_top_k(select, quant, torch_ops):
