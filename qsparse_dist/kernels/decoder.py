@@ -60,8 +60,8 @@ _ACTS = {"relu2glu": 1, "drelu": 2, "swiglu": 3}
 #: (:func:`.select.radix_topk_keep`), ``"swar"`` the bisection on two 16-bit keys per word with the
 #: kept list's slots from one scan (:func:`.select.swar_topk_slots`; 16-bit rows only), or ``None`` = by
 #: measurement (H200, tools/bench_prologue.py, docs/benchmarks.md): ``swar`` for bf16/fp16 rows (8B
-#: widths, with the kept list: 4096 features 8.8 / 9.4 µs bisect / radix -> 7.0 µs, 14336 27 / 32 -> 17
-#: µs; int8 rows 13-16 -> 11 µs and 42-55 -> 28 µs, before the one-scan slots), for float32 rows radix
+#: widths, with the kept list, µs per call: 4096 features 8.6 / 8.9 bisect / radix -> 5.6, 14336 27.1 /
+#: 31.5 -> 13.5; int8-coded rows 15.3 / 12.3 -> 8.5 and 54.7 / 41.0 -> 22.7), for float32 rows radix
 #: when int8-quantized and bisection otherwise (first session).
 SELECT: str | None = None
 _SELECT_CODES = {"bisect": 0, "radix": 1, "swar": 2}
