@@ -59,7 +59,8 @@ TRIGGER: bool | None = None
 
 
 def env_setting(value: str | None = None) -> int | None:
-    """``QSPARSE_PDL`` parsed: ``None`` (unset or empty), 0 (off), 1 (on), 2 (on + early trigger).
+    """``QSPARSE_PDL`` parsed: ``None`` (unset or empty: the default, wait + early trigger), 0 (off), 1 (wait
+    only), 2 (wait + early trigger).
 
     Raises ValueError naming the variable for anything else."""
     raw = os.environ.get("QSPARSE_PDL") if value is None else value
