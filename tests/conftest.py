@@ -10,9 +10,17 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def torch_ops(monkeypatch):
+    """Reference: the torch path of the ops (no kernel dispatch, even on CUDA)."""
+    monkeypatch.setenv("QSPARSE_TRITON", "0")

@@ -29,11 +29,6 @@ from qsparse_dist.ops import kept_count, pack_ternary, topk_mask, topk_sparsify 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def torch_ops(monkeypatch):
-    monkeypatch.setenv("QSPARSE_TRITON", "0")
-
-
 def _row(d: int, dtype, seed: int, ties: str = "straddle") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, d, generator=g)

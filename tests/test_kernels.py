@@ -42,12 +42,6 @@ def _x(rows, d, dtype, seed):
     return x.to(dtype).to(DEV)
 
 
-@pytest.fixture
-def torch_ops(monkeypatch):
-    """Reference: the torch path of the ops (no dispatch even on CUDA)."""
-    monkeypatch.setenv("QSPARSE_TRITON", "0")
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95])
 def test_topk_mask_identical_to_reference_with_ties(dtype, sparsity, torch_ops):
